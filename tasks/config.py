@@ -1,0 +1,388 @@
+"""The one typed config of a Stillhouse run.
+
+Validated at the edge (CLI, Prefect run form); everything below it receives plain values. Sub-models
+are frozen so a stage cannot mutate the config another stage hashes for caching. Every field has a
+description because Prefect renders them as the run form's help text.
+
+The two seed papers' exact hyperparameters could not be read here; each choice is a field with a
+documented default so the method can be compared with its baselines on the same data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --------------------------------------------------------------------------- problem sources
+
+
+class ColumnMap(_Section):
+    """Which columns of a local file or hub dataset hold the problem record's fields."""
+
+    question: str = Field("question", description="Column holding the problem statement.")
+    answer: str = Field(
+        "answer",
+        description="Column holding the reference answer (GSM8K '... #### 1,234' is normalised).",
+    )
+    id: str | None = Field(
+        None, description="Optional column with an upstream id, kept in the problem's meta."
+    )
+
+
+class SourceConfig(_Section):
+    """One place problems come from. Several sources are concatenated into the seed pool."""
+
+    kind: Literal["jsonl", "parquet", "csv", "hf", "gsm_symbolic", "champ"] = Field(
+        ..., description="Loader: local jsonl/parquet/csv, a Hugging Face dataset, or a packaged set."
+    )
+    name: str | None = Field(
+        None,
+        description="Label stored as the problems' `source`; defaults to the kind (and file/dataset name).",
+    )
+    path: str | None = Field(
+        None,
+        description="Local file (jsonl/parquet/csv), or for kind=hf a dataset saved with save_to_disk.",
+    )
+    dataset: str | None = Field(
+        None, description="Hugging Face hub dataset id for kind=hf, e.g. 'openai/gsm8k'."
+    )
+    subset: str | None = Field(None, description="Hub dataset config name, e.g. 'main' for GSM8K.")
+    hf_split: str = Field("train", description="Which split of the hub/saved dataset to read.")
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="Column mapping.")
+    split: Literal["train", "eval"] = Field(
+        "train",
+        description="Role of this source's problems: 'train' joins the pool, 'eval' is held out. "
+        "Ignored by gsm_symbolic, which splits by template.",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Keep at most this many problems (after the seeded shuffle)."
+    )
+    seed: int = Field(0, description="Seed for shuffling and for instantiating templates.")
+    eval_templates: int = Field(
+        20,
+        ge=0,
+        description="gsm_symbolic: how many templates are held out for eval. The split is by "
+        "template, never by instance, so eval problems never share a template with training ones.",
+    )
+    instances_per_template: int = Field(
+        1, ge=1, description="gsm_symbolic: fresh instances generated from each template."
+    )
+    max_answer_chars: int = Field(
+        200, ge=1, description="Rows whose reference answer is longer than this are reported and skipped."
+    )
+
+    @model_validator(mode="after")
+    def _needs_location(self) -> SourceConfig:
+        if self.kind in ("jsonl", "parquet", "csv") and not self.path:
+            raise ValueError(f"kind={self.kind} needs `path`")
+        if self.kind == "hf" and not (self.path or self.dataset):
+            raise ValueError("kind=hf needs `dataset` (hub id) or `path` (saved dataset)")
+        return self
+
+
+# --------------------------------------------------------------------------- models
+
+
+class ModelConfig(_Section):
+    """A model: hub id, local folder, or a prepared packaged name (see `stillhouse models`)."""
+
+    name_or_path: str = Field(
+        ...,
+        description="Hub id (e.g. 'Qwen/Qwen2.5-7B-Instruct'), a local HF folder, or a prepared name "
+        "such as 'smollm2-135m-instruct' or 'tiny-llama'.",
+    )
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf",
+        description="hf: transformers in process; vllm: vLLM engine in its own process/venv; "
+        "openai: any OpenAI-compatible server.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template overriding the tokenizer's; models without one fall back "
+        "to plain text prompts.",
+    )
+    # Remote backends.
+    base_url: str | None = Field(
+        None, description="openai backend: server URL, e.g. http://127.0.0.1:8000/v1."
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="openai backend: name of the environment variable holding the API key "
+        "(the key itself is never stored in the config, catalog or logs).",
+    )
+    max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight.")
+    # vLLM engine.
+    vllm_python: str | None = Field(
+        None, description="vllm backend: Python interpreter of the vLLM environment (.venv-vllm)."
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
+    data_parallel_size: int = Field(
+        1, ge=1, description="vllm: engines, one per GPU group; prompts are sharded over them."
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: GPU memory share.")
+    max_model_len: int | None = Field(None, ge=16, description="vllm: context length cap.")
+    enable_prefix_caching: bool = Field(True, description="vllm: reuse the shared prompt prefix.")
+
+
+class SamplingConfig(_Section):
+    """How the teacher samples. AdvDistill draws 8 samples per prompt."""
+
+    n: int = Field(8, ge=1, description="Samples per problem (the group size for advantages).")
+    temperature: float = Field(0.7, ge=0, description="0 = greedy.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(512, ge=1, description="Cap on generated tokens per sample.")
+    stop: list[str] = Field(default_factory=list, description="Extra stop strings.")
+    batch_size: int = Field(16, ge=1, description="hf backend: sequences per generate call.")
+    seed: int = Field(
+        0,
+        description="Base seed; each (problem, sample index) gets its own seed derived from it, so "
+        "a resumed run regenerates exactly the missing samples.",
+    )
+
+
+# --------------------------------------------------------------------------- verify, reward, weigh
+
+
+class VerifierConfig(_Section):
+    last_number_fallback: bool = Field(
+        True,
+        description="If no explicit answer format (boxed, ####, 'the answer is') is found, use the "
+        "last number in the text. Such answers never earn the format reward.",
+    )
+    timeout_s: float = Field(5.0, gt=0, description="Time limit per sample; over it = wrong, with an error.")
+    workers: int | None = Field(
+        None, ge=0, description="Worker processes for scoring; None = all cores, 0 = in process."
+    )
+
+
+class RewardConfig(_Section):
+    correct: float = Field(1.0, description="Reward for a correct final answer.")
+    wrong: float = Field(0.0, description="Reward for a wrong or missing final answer.")
+    format: float = Field(
+        0.1, description="Added when the answer is given in an explicit format (boxed, ####, ...)."
+    )
+
+
+class WeightingConfig(_Section):
+    scheme: Literal["group_advantage", "rft", "uniform"] = Field(
+        "group_advantage",
+        description="group_advantage: (r - mean) / (std + eps) within the problem's N samples "
+        "(AdvDistill); rft: weight 1 on correct samples only (rejection-sampling baseline); "
+        "uniform: every sample weight 1 (plain distillation baseline).",
+    )
+    eps: float = Field(1e-6, gt=0, description="Added to the group std.")
+    negatives: Literal["keep", "clip", "floor"] = Field(
+        "keep",
+        description="group_advantage: keep negative weights, clip them to 0, or floor them at "
+        "`floor`.",
+    )
+    floor: float = Field(-1.0, le=0, description="Lowest weight when negatives='floor'.")
+    std: Literal["population", "sample"] = Field(
+        "population", description="Group std estimator (ddof 0 or 1)."
+    )
+
+
+# --------------------------------------------------------------------------- student
+
+
+class LoraConfig(_Section):
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names that get adapters.",
+    )
+
+
+class TrainingConfig(_Section):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the round's dataset.")
+    batch_size: int = Field(8, ge=1, description="Samples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(1024, ge=16, description="Tokens per sample; longer ones are truncated and counted.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    negative_weight_floor: float = Field(
+        -1.0,
+        le=0,
+        description="Negative weights (unlikelihood on wrong samples) are floored here; 0 drops "
+        "negative samples from training entirely.",
+    )
+    checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
+    init: Literal["previous", "base"] = Field(
+        "previous", description="Round r starts from round r-1's adapter, or from the base model."
+    )
+    seed: int = Field(0, description="Seed for LoRA init, dropout and data order.")
+
+
+class StudentConfig(_Section):
+    model: ModelConfig = Field(..., description="The student's base model (<= 1B).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapter shape.")
+
+
+# --------------------------------------------------------------------------- feedback
+
+
+class EvalConfig(_Section):
+    max_new_tokens: int = Field(512, ge=1, description="Generation cap for the student.")
+    batch_size: int = Field(16, ge=1, description="Sequences per generate call.")
+    pool_k: int = Field(
+        4, ge=1, description="Samples per training-pool problem for the student's pass rate."
+    )
+    pool_temperature: float = Field(0.7, ge=0, description="Temperature of the pass-rate samples.")
+    max_eval_problems: int | None = Field(
+        None, ge=1, description="Cap on eval problems per round (None = all)."
+    )
+
+
+class SplitConfig(_Section):
+    easy_threshold: float = Field(
+        0.75, ge=0, le=1, description="Pass rate >= this makes a problem easy (FDD)."
+    )
+    hard_threshold: float = Field(
+        0.25, ge=0, le=1, description="Pass rate <= this makes a problem hard (FDD)."
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SplitConfig:
+        if self.hard_threshold >= self.easy_threshold:
+            raise ValueError("hard_threshold must be below easy_threshold")
+        return self
+
+
+class SynthesisConfig(_Section):
+    enabled: bool = Field(True, description="Write new problems for the next round.")
+    max_per_round: int | None = Field(
+        None, ge=0, description="Cap on new problems kept per round (None = no cap)."
+    )
+    reference_samples: int = Field(
+        8, ge=1, description="Teacher samples per new problem used to vote its reference answer."
+    )
+    agreement_threshold: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the teacher's samples that must agree on the majority answer for "
+        "a new problem to be kept.",
+    )
+    temperature: float = Field(0.8, ge=0, description="Temperature when writing problems.")
+    max_new_tokens: int = Field(256, ge=1, description="Cap on a written problem's tokens.")
+    min_question_chars: int = Field(20, ge=1, description="Shorter outputs are rejected.")
+    max_question_chars: int = Field(1200, ge=1, description="Longer outputs are rejected.")
+    dedup_ngram: int = Field(3, ge=1, description="Word n-gram size for near-duplicate checks.")
+    dedup_threshold: float = Field(
+        0.7, gt=0, le=1, description="Jaccard n-gram overlap at or above which a problem is a duplicate."
+    )
+    contamination_ngram: int = Field(
+        8, ge=1, description="A shared word n-gram of this size with an eval problem rejects it."
+    )
+
+
+class PromptsConfig(_Section):
+    """Templates use str.format fields; {question} and {problem} are filled in."""
+
+    system: str | None = Field(
+        None, description="System message for every prompt (None = the model's default)."
+    )
+    solve: str = Field(
+        "Solve the following math problem. Reason step by step, then give the final answer "
+        "in \\boxed{{}}.\n\n{question}",
+        description="User message asking for a solution. Field: {question}.",
+    )
+    few_shot: list[tuple[str, str]] = Field(
+        default_factory=list,
+        description="(question, solution) pairs shown as earlier chat turns before the problem.",
+    )
+    harder: str = Field(
+        "Here is a math word problem:\n\n{problem}\n\nWrite a new, harder version of this problem "
+        "that needs one or two more reasoning steps and has a single numerical answer. "
+        "Reply with the new problem only, starting with 'Problem:'.",
+        description="User message asking for a harder variant of an easy problem. Field: {problem}.",
+    )
+    similar: str = Field(
+        "Here is a math word problem:\n\n{problem}\n\nWrite a new problem of similar difficulty "
+        "that uses the same kind of reasoning but different numbers and a different story, with "
+        "a single numerical answer. Reply with the new problem only, starting with 'Problem:'.",
+        description="User message asking for a similar new problem for a hard one. Field: {problem}.",
+    )
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class RunConfig(_Section):
+    """Everything a multi-round distillation run needs."""
+
+    run_name: str = Field("stillhouse", description="Name shown in Prefect flow runs and reports.")
+    workdir: str = Field(
+        "runs/stillhouse", description="Run directory: catalog, Parquet intermediates, adapters."
+    )
+    rounds: int = Field(3, ge=1, description="Number of rounds (round 0 = seed problems).")
+    problems: list[SourceConfig] = Field(
+        ..., min_length=1, description="Where the seed pool and the eval sets come from."
+    )
+    teacher: ModelConfig = Field(..., description="The teacher that writes rationales and problems.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Teacher sampling.")
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig, description="Answer checking.")
+    rewards: RewardConfig = Field(default_factory=RewardConfig, description="Reward values.")
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig, description="Loss weights.")
+    student: StudentConfig = Field(..., description="Student base model and LoRA shape.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="LoRA training.")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Student evaluation.")
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Easy/hard thresholds.")
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig, description="New problems.")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt templates.")
+
+    def section_dict(self, *names: str) -> dict[str, Any]:
+        """The JSON form of the named sections: what a cached step's key is built from."""
+        return {name: self.model_dump(mode="json")[name] for name in names}
+
+
+class ConfigError(ValueError):
+    """A config that failed validation; the message names each field's path and the reason."""
+
+
+def _format_errors(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config {origin}:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {path}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, origin)) from None
+
+
+def load_config(path: str | Path, **overrides: Any) -> RunConfig:
+    """Load a YAML run config; top-level `overrides` (e.g. workdir, rounds) win over the file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, origin=str(path))

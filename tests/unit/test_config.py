@@ -1,0 +1,94 @@
+"""The run config: every shipped config loads; bad configs name the field and the reason."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks.config import ConfigError, RunConfig, load_config, parse_config
+
+pytestmark = pytest.mark.unit
+
+CONFIGS = sorted((Path(__file__).parents[2] / "configs").glob("*.yaml"))
+MINIMAL = {
+    "problems": [{"kind": "jsonl", "path": "p.jsonl"}],
+    "teacher": {"name_or_path": "t"},
+    "student": {"model": {"name_or_path": "s"}},
+}
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"smoke.yaml", "demo.yaml", "gsm8k-qwen.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.rounds >= 1 and cfg.problems
+
+
+def test_every_field_has_a_description():
+    missing = []
+
+    def walk(model, prefix):
+        for name, field in model.model_fields.items():
+            if not field.description:
+                missing.append(prefix + name)
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, prefix + name + ".")
+
+    walk(RunConfig, "")
+    # list-of-model fields: the sub-models are checked on their own
+    from tasks.config import ColumnMap, SourceConfig
+
+    walk(SourceConfig, "problems[].")
+    walk(ColumnMap, "problems[].columns.")
+    assert not missing, f"fields without a description: {missing}"
+
+
+def test_defaults_fill_a_minimal_config():
+    cfg = parse_config(MINIMAL)
+    assert cfg.sampling.n == 8
+    assert cfg.weighting.scheme == "group_advantage"
+    assert cfg.split.easy_threshold > cfg.split.hard_threshold
+
+
+@pytest.mark.parametrize(
+    "patch, path, reason",
+    [
+        ({"sampling": {"n": 0}}, "sampling.n", "greater than or equal to 1"),
+        ({"weighting": {"scheme": "grpo"}}, "weighting.scheme", "group_advantage"),
+        ({"problems": [{"kind": "csv"}]}, "problems.0", "needs `path`"),
+        ({"student": {"model": {}}}, "student.model.name_or_path", "Field required"),
+        ({"split": {"easy_threshold": 0.2, "hard_threshold": 0.5}}, "split", "below"),
+        ({"sampling": {"temprature": 0.5}}, "sampling.temprature", "Extra inputs"),
+    ],
+)
+def test_invalid_config_names_field_and_reason(patch, path, reason):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**MINIMAL, **patch})
+    msg = str(err.value)
+    assert path in msg and reason in msg
+
+
+def test_load_config_overrides_and_errors(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(f, workdir=str(tmp_path / "w"), rounds=5)
+    assert cfg.workdir == str(tmp_path / "w") and cfg.rounds == 5
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    f.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(f)
+    f.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(f)
+
+
+def test_config_is_frozen():
+    cfg = parse_config(MINIMAL)
+    with pytest.raises(Exception):
+        cfg.sampling.n = 3  # type: ignore[misc]
