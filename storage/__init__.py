@@ -1,0 +1,48 @@
+"""Storage: the run's DuckLake catalog (versioned tables) and Parquet intermediates (atomic, cached)."""
+
+from storage.catalog import (
+    Catalog,
+    CatalogError,
+    CatalogLockedError,
+    CatalogStatus,
+    RoundCommittedError,
+    RoundStatus,
+    VersionDiff,
+)
+from storage.parquet_io import (
+    cached_path,
+    completed_shards,
+    content_hash,
+    finalize_shards,
+    is_complete,
+    missing_shards,
+    read_output,
+    shard_path,
+    write_manifest,
+    write_parquet_atomic,
+    write_shard,
+)
+from storage.schema import TABLES, TableSpec
+
+__all__ = [
+    "TABLES",
+    "Catalog",
+    "CatalogError",
+    "CatalogLockedError",
+    "CatalogStatus",
+    "RoundCommittedError",
+    "RoundStatus",
+    "TableSpec",
+    "VersionDiff",
+    "cached_path",
+    "completed_shards",
+    "content_hash",
+    "finalize_shards",
+    "is_complete",
+    "missing_shards",
+    "read_output",
+    "shard_path",
+    "write_manifest",
+    "write_parquet_atomic",
+    "write_shard",
+]

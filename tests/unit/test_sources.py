@@ -1,0 +1,309 @@
+"""Problem sources: local files with column maps, the skip report, hf save_to_disk, dedup, limit."""
+
+import csv
+import json
+import logging
+import typing
+
+import pytest
+
+from tasks.config import ColumnMap, SourceConfig
+from tasks.problems import problem_id
+from tasks.sources import (
+    LOADERS,
+    SkippedRow,
+    SourceError,
+    gsm_symbolic_split,
+    load_problems,
+    load_source,
+    normalize_reference,
+)
+
+pytestmark = pytest.mark.unit
+
+MAPPED = ColumnMap(question="problem", answer="solution", id="uid")
+ROWS = [
+    {"problem": "Tom has 3 apples and buys 4 more. How many?", "solution": "3+4=7\n#### 7", "uid": "a1"},
+    {"problem": "A shop sells 1,234 pens a day. How many in 2 days?", "solution": "#### 2,468", "uid": "a2"},
+    {"problem": "What is half of 5?", "solution": "2.5", "uid": "a3"},
+]
+
+
+def write_jsonl(path, lines):
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+def write_csv(path, rows, fields):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_parquet(path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+WRITERS = {
+    "jsonl": lambda p, rows: write_jsonl(p, rows),
+    "csv": lambda p, rows: write_csv(p, rows, list(rows[0])),
+    "parquet": write_parquet,
+}
+
+
+# --------------------------------------------------------------------------- normalize_reference
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+        ("#### 1,234", "1234"),
+        ("#### 1,234,567", "1234567"),
+        ("####  -5 ", "-5"),
+        ("#### $1,000", "1000"),
+        ("-$1,000.50", "-1000.50"),
+        ("$ 18", "18"),
+        ("$5$", "5"),  # a number in inline LaTeX math
+        ("12.50", "12.50"),  # decimals are kept as written
+        ("3.0", "3.0"),  # no guessing that 3.0 means 3
+        ("+7", "7"),
+        ("1 234", "1234"),
+        ("12\u00a0000", "12000"),
+        ("12 34", "12 34"),  # not groups of three: two numbers, left alone
+        ("- 5", "-5"),
+        ("\u22123", "-3"),  # unicode minus
+        ("0.5", "0.5"),
+        ("1,23", "1,23"),  # not a thousands separator: left alone
+        ("3, 4", "3, 4"),  # a list, not a number
+        ("$\\frac{1}{2}$", "$\\frac{1}{2}$"),  # LaTeX keeps its dollars
+        ("C(10, 5), or equivalently 252", "C(10, 5), or equivalently 252"),
+        ("10%", "10%"),
+        ("  x = 5 ", "x = 5"),
+        ("a #### b #### 9", "9"),  # the last marker wins
+        ("rationale only ####", ""),
+    ],
+)
+def test_normalize_reference(raw, expected):
+    assert normalize_reference(raw) == expected
+
+
+# --------------------------------------------------------------------------- local files
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_file_with_column_map(tmp_path, kind):
+    path = WRITERS[kind](tmp_path / f"my_set.{kind}", ROWS)
+    res = load_source(SourceConfig(kind=kind, path=str(path), columns=MAPPED, split="eval"))
+    assert res.skipped == []
+    assert [p.answer for p in res.problems] == ["7", "2468", "2.5"]
+    assert [p.question for p in res.problems] == [r["problem"] for r in ROWS]
+    assert {p.source for p in res.problems} == {"my_set"}  # the file stem by default
+    assert {p.split for p in res.problems} == {"eval"}
+    assert [json.loads(p.meta) for p in res.problems] == [
+        {"row": 1, "upstream_id": "a1"}, {"row": 2, "upstream_id": "a2"}, {"row": 3, "upstream_id": "a3"}
+    ]
+    assert res.problems[0].id == problem_id(ROWS[0]["problem"], "7")
+
+
+def test_name_overrides_source_label(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "1+1?", "answer": "2"}])
+    (p,) = load_source(SourceConfig(kind="jsonl", path=str(path), name="seed-set")).problems
+    assert p.source == "seed-set" and p.answer == "2" and p.split == "train"
+
+
+def test_jsonl_skip_report(tmp_path, caplog):
+    long_answer = "9" * 201
+    path = write_jsonl(tmp_path / "messy.jsonl", [
+        {"question": "What is 2+2?", "answer": "4"},  # 1 ok
+        {"answer": "5"},  # 2 no question key
+        {"question": "What is 3+3?", "answer": ""},  # 3 empty answer
+        '{"question": "broken", ',  # 4 invalid JSON
+        "",  # 5 blank line: not a row
+        {"question": "What is 4+4?", "answer": None},  # 6 null answer
+        {"question": "   ", "answer": "1"},  # 7 whitespace question
+        {"question": "Long?", "answer": long_answer},  # 8 over max_answer_chars
+        {"question": "Only a rationale?", "answer": "so #### "},  # 9 empty once normalised
+        [1, 2],  # 10 not an object
+        {"question": {"nested": 1}, "answer": "1"},  # 11 not text
+        {"question": "What is 5+5?", "answer": 10},  # 12 ok: numbers are text too
+    ])
+    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+        res = load_source(SourceConfig(kind="jsonl", path=str(path)))
+    assert [(p.question, p.answer) for p in res.problems] == [("What is 2+2?", "4"), ("What is 5+5?", "10")]
+    got = [(s.source, s.row, s.field, s.reason) for s in res.skipped]
+    assert got[:3] == [("messy", 2, "question", "missing"), ("messy", 3, "answer", "empty")] + [
+        ("messy", 4, None, got[2][3])
+    ]
+    assert got[2][3].startswith("invalid JSON")
+    assert got[3:] == [
+        ("messy", 6, "answer", "missing"),
+        ("messy", 7, "question", "empty"),
+        ("messy", 8, "answer", "too long (201 > max_answer_chars=200)"),
+        ("messy", 9, "answer", "empty after normalisation"),
+        ("messy", 10, None, "not a JSON object (list)"),
+        ("messy", 11, "question", "not text (dict)"),
+    ]
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "messy" in record.getMessage() and "9 rows skipped" in record.getMessage()
+
+
+def test_csv_skip_report_uses_data_row_numbers(tmp_path):
+    path = write_csv(tmp_path / "t.csv", [
+        {"q": "What is 1+1?", "a": "2"},
+        {"q": "", "a": "3"},
+        {"q": "What is 2+2?", "a": ""},
+        {"q": "What is 3+3?", "a": "#### 6"},
+    ], ["q", "a"])
+    res = load_source(SourceConfig(kind="csv", path=str(path), columns=ColumnMap(question="q", answer="a")))
+    assert [p.answer for p in res.problems] == ["2", "6"]
+    assert res.skipped == [SkippedRow("t", 2, "question", "empty"), SkippedRow("t", 3, "answer", "empty")]
+
+
+def test_parquet_nulls_are_reported(tmp_path):
+    path = write_parquet(tmp_path / "n.parquet", [
+        {"question": "What is 1+1?", "answer": "2"}, {"question": None, "answer": "3"},
+    ])
+    res = load_source(SourceConfig(kind="parquet", path=str(path)))
+    assert len(res.problems) == 1
+    assert res.skipped == [SkippedRow("n", 2, "question", "missing")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_unknown_column_is_a_clear_error(tmp_path, kind):
+    path = WRITERS[kind](tmp_path / f"f.{kind}", ROWS)
+    with pytest.raises(SourceError) as err:
+        load_source(SourceConfig(kind=kind, path=str(path), columns=ColumnMap(question="problem", answer="answer")))
+    msg = str(err.value)
+    assert "'answer'" in msg and str(path) in msg
+    assert "'problem', 'solution', 'uid'" in msg  # lists what is there
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet", "hf"])
+def test_unreadable_path_names_the_path(tmp_path, kind):
+    missing = tmp_path / "nope" / f"data.{kind}"
+    with pytest.raises(SourceError, match=str(missing)):
+        load_source(SourceConfig(kind=kind, path=str(missing)))
+
+
+def test_corrupt_parquet_names_the_path(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_text("not parquet")
+    with pytest.raises(SourceError, match="bad.parquet"):
+        load_source(SourceConfig(kind="parquet", path=str(path)))
+
+
+# --------------------------------------------------------------------------- hf save_to_disk
+
+
+def test_hf_saved_dataset_round_trip_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    rows = {"problem": [r["problem"] for r in ROWS], "solution": [r["solution"] for r in ROWS],
+            "uid": [r["uid"] for r in ROWS]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(rows),
+        "test": datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()}),
+    }).save_to_disk(str(tmp_path / "dict"))
+
+    single = load_source(SourceConfig(kind="hf", path=str(tmp_path / "single"), columns=MAPPED))
+    assert [p.answer for p in single.problems] == ["7", "2468", "2.5"]
+    assert single.problems[0].source == "single"
+    assert json.loads(single.problems[1].meta) == {"row": 2, "upstream_id": "a2"}
+
+    test = load_source(SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="test", columns=MAPPED))
+    assert [p.id for p in test.problems] == [single.problems[0].id]
+    with pytest.raises(SourceError, match="validation"):
+        load_source(SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="validation", columns=MAPPED))
+    with pytest.raises(SourceError, match="'question'"):
+        load_source(SourceConfig(kind="hf", path=str(tmp_path / "single")))
+
+
+# --------------------------------------------------------------------------- ids, dedup, limit
+
+
+def test_ids_stable_across_calls(tmp_path):
+    path = WRITERS["jsonl"](tmp_path / "s.jsonl", ROWS)
+    cfg = SourceConfig(kind="jsonl", path=str(path), columns=MAPPED)
+    first, second = load_source(cfg), load_source(cfg)
+    assert [p.id for p in first.problems] == [p.id for p in second.problems]
+    assert [p.id for p in first.problems] == [problem_id(p.question, p.answer) for p in first.problems]
+
+
+def test_dedup_within_and_across_sources(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [
+        {"question": "What is 1+1?", "answer": "2"},
+        {"question": "What is  1+1? ", "answer": "#### 2"},  # same after normalisation
+        {"question": "What is 2+2?", "answer": "4"},
+    ])
+    b = write_csv(tmp_path / "b.csv", [
+        {"question": "What is 3+3?", "answer": "6"}, {"question": "What is 2+2?", "answer": "4"},
+    ], ["question", "answer"])
+    res = load_problems([
+        SourceConfig(kind="jsonl", path=str(a)), SourceConfig(kind="csv", path=str(b), split="eval"),
+    ])
+    assert [(p.question, p.source, p.split) for p in res.problems] == [
+        ("What is 1+1?", "a", "train"), ("What is 2+2?", "a", "train"), ("What is 3+3?", "b", "eval"),
+    ]
+    assert [(s.source, s.row, s.field) for s in res.skipped] == [("a", 2, "id"), ("b", 2, "id")]
+    assert "source 'a'" in res.skipped[1].reason and "train problem" in res.skipped[1].reason
+    assert res.of_split("eval") == [res.problems[2]]
+
+
+def test_limit_is_a_seeded_shuffle(tmp_path):
+    rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(50)]
+    path = write_jsonl(tmp_path / "many.jsonl", rows)
+
+    def ids(**kw):
+        return [p.id for p in load_source(SourceConfig(kind="jsonl", path=str(path), **kw)).problems]
+
+    everything = ids()
+    assert len(everything) == 50 and len(ids(limit=10)) == 10
+    assert ids(limit=10, seed=3) == ids(limit=10, seed=3)
+    assert ids(limit=10, seed=3) != ids(limit=10, seed=4)
+    assert ids(limit=10) != everything[:10]  # shuffled, not the head of the file
+    assert ids(limit=100) == everything
+
+
+def test_every_kind_has_a_loader():
+    kinds = typing.get_args(SourceConfig.model_fields["kind"].annotation)
+    assert set(LOADERS) == set(kinds)
+
+
+def test_gsm_symbolic_split_is_by_template_and_stable():
+    split = gsm_symbolic_split(range(100), seed=0, eval_templates=20)
+    assert sum(v == "eval" for v in split.values()) == 20
+    assert split == gsm_symbolic_split(range(100), seed=0, eval_templates=20)
+    assert split != gsm_symbolic_split(range(100), seed=1, eval_templates=20)
+    # Adding templates never reorders the existing ones, so eval templates stay eval unless a new
+    # template takes their place.
+    grown = gsm_symbolic_split(range(120), seed=0, eval_templates=20)
+    moved = [t for t in range(100) if split[t] == "train" and grown[t] == "eval"]
+    assert moved == []
+    assert set(gsm_symbolic_split(range(5), 0, 10).values()) == {"eval"}
+    assert set(gsm_symbolic_split(range(5), 0, 0).values()) == {"train"}
+
+
+def test_hf_hub_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
+    # The hub branch (load_dataset(dataset, subset, split=...)) run offline: load_dataset also
+    # takes a local folder of data files, which needs no hub.
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    write_jsonl(folder / "test.jsonl", [{"question": r["problem"], "answer": r["solution"]} for r in ROWS])
+    res = load_source(SourceConfig(kind="hf", dataset=str(folder), hf_split="test"))
+    assert [p.answer for p in res.problems] == ["7", "2468", "2.5"]
+    assert res.problems[0].source == str(folder)
