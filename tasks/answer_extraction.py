@@ -1,0 +1,322 @@
+"""Find the final answer in a model response.
+
+Pure string work (no sympy, no Math-Verify), so it is cheap enough to run in the parent process for
+every sample before anything is sent to a worker. Every search is bounded: `\\boxed` and `####` are
+found with `str.rfind` (linear, in C), braces are scanned at most MAX_ANSWER_CHARS far, answers
+longer than that are reported as errors; the phrase patterns only look at the last TAIL_CHARS of
+the text and the last-number fallback at the last FALLBACK_TAIL_CHARS. A 10 MB response costs
+milliseconds, never a hang.
+
+Formats, in priority order (the first one present wins; within a format the last occurrence wins,
+because models restate and correct themselves):
+
+    boxed            \\boxed{...} / \\fbox{...} with balanced braces (adjacent boxes joined, see below)
+    final_answer_is  Minerva: "Final Answer: The final answer is X. I hope it is correct."
+    hash             GSM8K: "#### X"
+    answer_is        "The answer is X", "Answer: X", "**Final answer:** X"
+    bold             "... so she has **18** apples" (short bold span with a digit or LaTeX in it)
+    last_number      fallback: the last number in the text (format_ok=False; can be switched off)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["Extraction", "extract_answer", "unwrap_boxed", "MAX_ANSWER_CHARS"]
+
+# Longest answer we accept. Real final answers (even matrices) are far shorter; beyond this we
+# report an error rather than hand a giant string to a symbolic parser.
+MAX_ANSWER_CHARS = 1_000
+# Explicit-format phrases are looked for only near the end: that is where the final answer is, and
+# it bounds regex work on degenerate (looping, megabyte-long) generations.
+TAIL_CHARS = 32_768
+FALLBACK_TAIL_CHARS = 4_096
+# How many adjacent boxes ("\boxed{1} and \boxed{2}") are joined into one answer at most.
+MAX_JOINED_BOXES = 8
+_MAX_SKIPPED_BOXES = 32
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """The answer found in a response.
+
+    answer: the answer text as written (tidied: no outer $...$, no trailing period), or None.
+    method: which format produced it (see module docstring), or None.
+    format_ok: True when it came from an explicit answer format, False for the fallback / nothing.
+    error: set when an answer was located but rejected (e.g. longer than MAX_ANSWER_CHARS).
+    """
+
+    answer: str | None
+    method: str | None
+    format_ok: bool
+    error: str | None = None
+
+
+_NONE = Extraction(None, None, False)
+
+# --------------------------------------------------------------------------- boxed
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+# One token of a brace scan: an escaped character (so \{ and \} do not count) or a brace.
+_BRACE_TOKEN = re.compile(r"\\.|[{}]", re.DOTALL)
+# What may sit between two boxes for them to count as one multi-part answer.
+_BOX_JOINER = re.compile(
+    r"[\s$]*(?:,|;|\band\b|\\text\{\s*and\s*\}|\\quad)[\s$,]*(?:\band\b)?[\s$]*"
+    r"(?:[A-Za-z]\s*=\s*)?[\s$]*"  # "x = \boxed{1} and x = \boxed{2}"
+)
+
+
+def _scan_braced(text: str, open_idx: int) -> tuple[int, str | None]:
+    """Scan a {...} group starting at text[open_idx] == '{'.
+
+    Returns (end index just past the closing brace, None) or (-1, reason) with reason "unclosed" or
+    "too_long". The scan never goes further than MAX_ANSWER_CHARS past the opening brace.
+    """
+    limit = min(len(text), open_idx + MAX_ANSWER_CHARS + 2)
+    depth = 0
+    for tok in _BRACE_TOKEN.finditer(text, open_idx, limit):
+        c = tok.group()
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return tok.end(), None
+    return -1, ("too_long" if limit < len(text) else "unclosed")
+
+
+def _find_box(text: str, end: int) -> tuple[int, int, str | None, str | None] | None:
+    """The last \\boxed / \\fbox that starts before `end`.
+
+    Returns (start, stop, content, error) or None when there is none. Malformed boxes (no brace,
+    never closed) are skipped: a truncated "\\boxed{5" is not an answer in boxed format, and an
+    earlier complete box (or a later fallback) may still be.
+    """
+    commands = [cmd for cmd in _BOX_COMMANDS if text.find(cmd, 0, end) >= 0]
+    # Skipping malformed boxes is capped so "\boxed{\boxed{..." repeated a million times stays cheap.
+    for _ in range(_MAX_SKIPPED_BOXES):
+        if end <= 0 or not commands:
+            return None
+        start = max(text.rfind(cmd, 0, end) for cmd in commands)
+        if start < 0:
+            return None
+        cmd_len = len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox")
+        i = start + cmd_len
+        if i < len(text) and text[i].isalpha():  # \boxedx, \fboxsep: another command
+            end = start
+            continue
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            stop, err = _scan_braced(text, i)
+            if stop > 0:
+                return start, stop, text[i + 1 : stop - 1], None
+            if err == "too_long":
+                return start, len(text), None, f"boxed answer longer than {MAX_ANSWER_CHARS} chars"
+        elif i > start + cmd_len and i < len(text):
+            # "\boxed 5": TeX takes the next token; models use it for short answers.
+            m = re.match(r"[^\s$]+", text[i : i + MAX_ANSWER_CHARS])
+            if m:
+                return start, i + m.end(), m.group(), None
+        end = start
+    return None
+
+
+def unwrap_boxed(s: str) -> str:
+    """The content of `s` if all of `s` is one \\boxed{...} / \\fbox{...}; else `s` unchanged."""
+    s = s.strip()
+    if not s.startswith(_BOX_COMMANDS):
+        return s
+    cmd = next(c for c in _BOX_COMMANDS if s.startswith(c))
+    found = _find_box(s, len(cmd))  # the box that starts at 0
+    if found is None or found[0] != 0 or found[2] is None or found[1] != len(s):
+        return s
+    return found[2].strip()
+
+
+def _extract_boxed(text: str) -> Extraction | None:
+    found = _find_box(text, len(text))
+    if found is None:
+        return None
+    start, _stop, content, error = found
+    if error is not None:
+        return Extraction(None, "boxed", True, error)
+    parts = [content]
+    # "x = \boxed{1} and \boxed{2}" answers a find-all question with two boxes: join them, or a
+    # grader taking only the last box would mark a complete answer as partial.
+    while len(parts) < MAX_JOINED_BOXES:
+        prev = _find_box(text, start)
+        if prev is None or prev[2] is None:
+            break
+        # Short gaps only: the joiner has several adjacent starred groups, and a long gap of spaces
+        # would make a failing fullmatch backtrack polynomially.
+        if start - prev[1] > 40 or not _BOX_JOINER.fullmatch(text, prev[1], start):
+            break
+        start = prev[0]
+        parts.append(prev[2])
+    parts.reverse()
+    unique = list(dict.fromkeys(p.strip() for p in parts))
+    return _finish(", ".join(unique), "boxed")
+
+
+# --------------------------------------------------------------------------- phrase formats
+
+# Phrase anchors: we take the LAST anchor and read the answer after it (a greedy "anchor + rest of
+# line" pattern would swallow a later restatement on the same line).
+_FINAL_ANSWER_IS = re.compile(r"final answer is\s*:?\s*", re.IGNORECASE)
+_MINERVA_TAIL = re.compile(r"(.+?)\.?\s*I hope it is correct", re.IGNORECASE)
+_HASH = re.compile(r"####[ \t]*")
+# "the answer is", "Answer:", "**Final Answer:** x", "final answer: x"
+_ANSWER_IS = re.compile(r"\banswer(?:\*\*)?(?:\s+is|\s*:)(?:\*\*)?[ \t:]*", re.IGNORECASE)
+_BOLD = re.compile(r"\*\*([^*\n]{1,120})\*\*")
+# A sentence ends at a period followed by space/end (not the dot in 3.5), or at a semicolon.
+_SENTENCE_END = re.compile(r"\.(?=\s|$|\*)|;|\s+(?:because|since|which|so that|as)\b")
+# ", which ..." ends the answer too, but ", 2" and ", and 3" (lists) do not.
+_CLAUSE_COMMA = re.compile(r",\s+(?!and\b|or\b)(?=[A-Za-z]{2,})")
+_MATH_OPEN = {"$$": "$$", "$": "$", "\\(": "\\)", "\\[": "\\]"}
+
+
+def _last_match(pattern: re.Pattern[str], text: str, pos: int) -> re.Match[str] | None:
+    last = None
+    for last in pattern.finditer(text, pos):
+        pass
+    return last
+
+
+def _cut_phrase(raw: str) -> str:
+    """The answer part of the text following 'the answer is'.
+
+    If it starts with a math span ($...$, \\(...\\)), the span is the answer; otherwise it runs to
+    the end of the sentence or clause.
+    """
+    s = raw.strip().lstrip("*: ").strip()
+    for opener, closer in _MATH_OPEN.items():
+        if s.startswith(opener):
+            close = s.find(closer, len(opener))
+            if close > 0:
+                return s[: close + len(closer)]
+            break
+    m = _SENTENCE_END.search(s)
+    if m:
+        s = s[: m.start()]
+    m = _CLAUSE_COMMA.search(s)
+    if m:
+        s = s[: m.start()]
+    return s
+
+
+def _tidy(answer: str) -> str:
+    """Strip markup around an answer: whitespace, bold stars, sentence period, outer $...$."""
+    s = answer.strip()
+    for _ in range(3):  # a few layers, e.g. "**$5$**."
+        before = s
+        s = s.strip().strip("*").rstrip(",;:").strip()
+        if s.endswith(".") and not s.endswith(".."):  # sentence period, not an ellipsis
+            s = s[:-1].rstrip()
+        for opener, closer in _MATH_OPEN.items():
+            if s.startswith(opener) and s.endswith(closer) and len(s) >= len(opener) + len(closer):
+                s = s[len(opener) : len(s) - len(closer)].strip()
+                break
+        if s == before:
+            break
+    return s
+
+
+def _finish(answer: str, method: str, format_ok: bool = True) -> Extraction | None:
+    answer = _tidy(answer)
+    if not answer:
+        return None
+    if len(answer) > MAX_ANSWER_CHARS:
+        return Extraction(None, method, format_ok, f"answer longer than {MAX_ANSWER_CHARS} chars")
+    # An inner \boxed ("The final answer is $\boxed{5}$" after a malformed outer box) is unwrapped.
+    if "\\boxed" in answer or "\\fbox" in answer:
+        inner = _extract_boxed(answer)
+        if inner is not None and inner.answer:
+            return Extraction(inner.answer, method, format_ok)
+    return Extraction(answer, method, format_ok)
+
+
+def _rest_of_line(text: str, pos: int) -> str:
+    """Text from pos to the end of its line, at most MAX_ANSWER_CHARS + 1 chars (so that an
+    over-long answer is still detected as such)."""
+    end = text.find("\n", pos, pos + MAX_ANSWER_CHARS + 2)
+    return text[pos : end if end >= 0 else pos + MAX_ANSWER_CHARS + 1]
+
+
+def _extract_phrase(text: str, pos: int) -> Extraction | None:
+    m = _last_match(_FINAL_ANSWER_IS, text, pos)
+    if m:
+        rest = _rest_of_line(text, m.end())
+        minerva = _MINERVA_TAIL.match(rest)
+        found = _finish(minerva.group(1) if minerva else _cut_phrase(rest), "final_answer_is")
+        if found:
+            return found
+    # "####" is found with rfind over the whole text (cheap), so a giant answer after it is
+    # reported as too long instead of silently missed.
+    hash_pos = text.rfind("####")
+    if hash_pos >= 0:
+        found = _finish(_rest_of_line(text, _HASH.match(text, hash_pos).end()), "hash")
+        if found:
+            return found
+    m = _last_match(_ANSWER_IS, text, pos)
+    if m:
+        found = _finish(_cut_phrase(_rest_of_line(text, m.end())), "answer_is")
+        if found:
+            return found
+    return None
+
+
+def _extract_bold(text: str) -> Extraction | None:
+    # Only the end of the text: bold earlier on is headings ("**Step 1:**"), not answers.
+    m = _last_match(_BOLD, text, max(0, len(text) - 600))
+    if m is None:
+        return None
+    content = m.group(1).strip()
+    if content.endswith(":") or not re.search(r"[\d\\]", content):
+        return None
+    if re.match(r"(?i)step\s*\d", content):
+        return None
+    return _finish(content, "bold")
+
+
+# --------------------------------------------------------------------------- fallback
+
+# A number as people write it: 1,234.5 | -3 | 0.25 | 3/4 | .5 (unicode minus too). Not inside a
+# word or identifier (x2, v1.5), hence the look-behind.
+_NUMBER = re.compile(r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)")
+
+
+def _extract_last_number(text: str) -> Extraction | None:
+    start = max(0, len(text) - FALLBACK_TAIL_CHARS)
+    tail = text[start:]
+    m = _last_match(_NUMBER, tail, 0)
+    if m is None:
+        return None
+    if m.start() == 0 and start > 0 and text[start - 1].isdigit():
+        # The number runs on before the window: thousands of digits, not an answer.
+        return Extraction(None, "last_number", False, f"number longer than {FALLBACK_TAIL_CHARS} chars")
+    return _finish(m.group(), "last_number", format_ok=False)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def extract_answer(text: str, *, last_number_fallback: bool = True) -> Extraction:
+    """Find the final answer in `text` (see module docstring for formats and priorities)."""
+    if not isinstance(text, str):
+        raise TypeError(f"response must be str, got {type(text).__name__}")
+    if not text or text.isspace():
+        return _NONE
+    found = _extract_boxed(text)
+    if found is None:
+        found = _extract_phrase(text, max(0, len(text) - TAIL_CHARS))
+    if found is None:
+        found = _extract_bold(text)
+    if found is not None:
+        return found
+    if last_number_fallback:
+        found = _extract_last_number(text)
+        if found is not None:
+            return found
+    return _NONE
