@@ -1,0 +1,675 @@
+"""LoRA training of the student with the per-sample weighted loss (AdvDistill), resumable.
+
+`train_lora` takes rendered prompt text, completion text and a weight per teacher sample (a list of
+`TrainExample` or a Parquet file with columns prompt, completion, weight) and trains a PEFT LoRA
+adapter on a causal LM with `tasks.weighted_loss`. It is independent of prompt building: whoever
+renders prompts (tasks.prompts) does so before the data reaches here.
+
+What it does, in order:
+
+1. Weights below `cfg.negative_weight_floor` are floored; samples whose weight is then 0 are dropped
+   before batching (they would cost compute and contribute nothing).
+2. prompt and completion are tokenized separately (completion + EOS), as generation sees them; the
+   prompt gets the tokenizer's BOS when the tokenizer adds one and the rendered text lacks it.
+   Labels are -100 on prompt and padding. Samples longer than `cfg.max_length` are cut at the end
+   (counted); one whose cut would leave no completion token is skipped (counted).
+3. A deterministic plan of micro-batches: per epoch a seeded shuffle, length-grouped within
+   mega-batches of 16 micro-batches (little padding), micro-batch order shuffled again. Fractional
+   epochs take the first part of the last epoch. Right padding.
+4. Own loop: AdamW on the LoRA parameters, transformers' warmup + constant/linear/cosine schedule,
+   gradient accumulation (each micro-batch's loss is normalised by the whole optimizer step's total
+   |weight|, so k micro-batches equal one big batch), gradient clipping.
+   The model is asked for logits only at labelled positions (`logits_to_keep` with a boolean mask,
+   transformers >= 5): prompt and padding positions never hit the vocabulary projection.
+5. Precision: CPU float32. CUDA: frozen base weights in bfloat16, LoRA weights and AdamW state in
+   float32 (PEFT upcasts adapters), forward under bf16 autocast, loss in float32. Halves the base
+   model's memory and keeps the trainable parameters' updates exact; no loss scaling is needed for
+   bf16. float16 is refused (it would need a grad scaler).
+6. Checkpoints every `cfg.checkpoint_every` optimizer steps in out_dir/checkpoints/step-N: adapter,
+   optimizer, scheduler, RNG states, data position and the loss curve so far; written into a temp
+   folder, manifest.json last, then renamed into place. A call with the same out_dir (and the same
+   inputs, checked by a fingerprint) resumes from the last complete checkpoint and ends with the same
+   adapter as an uninterrupted run (the data plan is a pure function of the seed; RNG states are
+   restored for dropout).
+7. The final adapter goes to out_dir/adapter (PEFT save_pretrained, atomically), metrics.json last;
+   checkpoints are then removed. A call on a finished out_dir returns the stored result.
+
+torch, transformers and peft are imported inside the functions so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from tasks.config import LoraConfig, TrainingConfig
+from tasks.weighted_loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
+
+log = logging.getLogger(__name__)
+
+# progress(step, total_steps): called after every optimizer step (and after a due checkpoint).
+Progress = Callable[[int, int], None]
+
+ADAPTER_DIR = "adapter"
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+_FORMAT_VERSION = 1
+# Micro-batches per length-grouping window: big enough to cut padding, small enough to keep order random.
+_MEGA_BATCHES = 16
+_KEEP_CHECKPOINTS = 2
+
+
+@dataclass(frozen=True)
+class TrainExample:
+    """One teacher sample: the rendered prompt, the completion to learn, its loss weight."""
+
+    prompt: str
+    completion: str
+    weight: float = 1.0
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    loss_curve: list[tuple[int, float]]  # (optimizer step, weighted loss of that step)
+    tokens_per_s: float  # non-padding tokens through forward+backward per second of the loop
+    samples_used: int
+    samples_skipped_zero_weight: int
+    samples_truncated: int  # cut at max_length but kept
+    steps: int
+    train_seconds: float
+    samples_skipped_too_long: int = 0  # prompt alone reaches max_length: no completion token left
+    tokens: int = 0
+    resumed_from_step: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["adapter_dir"] = str(self.adapter_dir)
+        d["loss_curve"] = [[int(s), float(v)] for s, v in self.loss_curve]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainResult:
+        d = dict(d)
+        d["adapter_dir"] = Path(d["adapter_dir"])
+        d["loss_curve"] = [(int(s), float(v)) for s, v in d["loss_curve"]]
+        return cls(**d)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_examples(source: Sequence[TrainExample] | str | Path) -> list[TrainExample]:
+    """A list of TrainExample (or dicts with prompt/completion/weight), or a Parquet file."""
+    if isinstance(source, (str, Path)):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(source)
+        missing = {"prompt", "completion", "weight"} - set(table.column_names)
+        if missing:
+            raise ValueError(f"{source}: Parquet file lacks columns {sorted(missing)}")
+        cols = table.select(["prompt", "completion", "weight"]).to_pydict()
+        return [
+            TrainExample(p, c, float(w)) for p, c, w in zip(cols["prompt"], cols["completion"], cols["weight"], strict=True)
+        ]
+    out = []
+    for ex in source:
+        if isinstance(ex, TrainExample):
+            out.append(ex)
+        elif isinstance(ex, dict):
+            out.append(TrainExample(ex["prompt"], ex["completion"], float(ex.get("weight", 1.0))))
+        else:
+            raise TypeError(f"expected TrainExample or dict, got {type(ex).__name__}")
+    return out
+
+
+@dataclass
+class _Encoded:
+    input_ids: list[list[int]]
+    prompt_lens: list[int]
+    weights: list[float]
+    truncated: int
+    skipped_too_long: int
+
+
+def encode_examples(tokenizer, examples: Sequence[TrainExample], max_length: int, *,
+                    prompt_special_tokens: bool | None = None) -> _Encoded:
+    """Tokenize prompt and completion (+EOS) separately; cut at max_length; skip empty completions.
+
+    Separate tokenization matches generation, where the completion's tokens follow the prompt's.
+    prompt_special_tokens: whether the prompt gets the tokenizer's BOS. None (default): when the
+    tokenizer adds one and the rendered prompt does not already start with it (a chat template that
+    writes its own BOS is not doubled). Pass the sampling backend's rule (tasks.hf_backend encodes
+    chat-templated text without special tokens) to mirror it exactly.
+    """
+    prompts = [e.prompt for e in examples]
+    completions = [e.completion for e in examples]
+    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
+    bos = tokenizer.bos_token_id
+    adds_bos = bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
+    if prompt_special_tokens is not None:
+        adds_bos = adds_bos and prompt_special_tokens
+    eos = tokenizer.eos_token_id
+    enc = _Encoded([], [], [], 0, 0)
+    for ex, p, c in zip(examples, p_ids, c_ids, strict=True):
+        if adds_bos and (prompt_special_tokens or not (p and p[0] == bos)):
+            p = [bos, *p]
+        ids = list(p) + list(c) + ([eos] if eos is not None else [])
+        if len(ids) > max_length:
+            if len(p) >= max_length:
+                enc.skipped_too_long += 1
+                continue
+            ids = ids[:max_length]
+            enc.truncated += 1
+        if len(ids) == len(p):  # empty completion and no EOS: nothing to learn
+            enc.skipped_too_long += 1
+            continue
+        enc.input_ids.append(ids)
+        enc.prompt_lens.append(len(p))
+        enc.weights.append(ex.weight)
+    return enc
+
+
+def plan_micro_batches(lengths: Sequence[int], batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """The whole run's micro-batches (lists of sample indices), a pure function of its arguments.
+
+    Per epoch: a seeded shuffle; windows of `_MEGA_BATCHES` micro-batches are sorted by length and
+    cut into micro-batches (similar lengths, little padding); the micro-batch order is shuffled.
+    `epochs` may be fractional: round(epochs * batches_per_epoch) micro-batches in all (>= 1).
+    """
+    n = len(lengths)
+    if n == 0:
+        return []
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, round(epochs * per_epoch))
+    window = batch_size * _MEGA_BATCHES
+    plan: list[list[int]] = []
+    epoch = 0
+    while len(plan) < total:
+        rng = random.Random(f"stillhouse-data:{seed}:{epoch}")
+        order = list(range(n))
+        rng.shuffle(order)
+        batches = []
+        for s in range(0, n, window):
+            chunk = sorted(order[s : s + window], key=lambda i: -lengths[i])
+            batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+        rng.shuffle(batches)
+        plan.extend(batches)
+        epoch += 1
+    return plan[:total]
+
+
+def _collate(enc: _Encoded, idx: Sequence[int], pad_id: int, pad_to: int = 1):
+    import torch
+
+    seqs = [enc.input_ids[i] for i in idx]
+    width = max(len(s) for s in seqs)
+    width = -(-width // pad_to) * pad_to
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, (i, s) in enumerate(zip(idx, seqs, strict=True)):
+        ids[r, : len(s)] = torch.tensor(s)
+        mask[r, : len(s)] = 1
+        labels[r, enc.prompt_lens[i] : len(s)] = torch.tensor(s[enc.prompt_lens[i] :])
+    weights = torch.tensor([enc.weights[i] for i in idx], dtype=torch.float32)
+    return ids, mask, labels, weights
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"training dtype must be auto, float32 or bfloat16, got {dtype!r} (float16 needs a grad scaler)")
+    return table[dtype]
+
+
+def _load_base(base_model_path: str | Path, torch_dtype, device: str):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"dtype": torch_dtype} if major >= 5 else {"torch_dtype": torch_dtype}
+    model = AutoModelForCausalLM.from_pretrained(str(base_model_path), **kw)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def match_target_modules(model, wanted: Sequence[str]) -> list[str]:
+    """The entries of `wanted` that name at least one Linear module (PEFT's suffix rule)."""
+    import torch
+
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    found = [k for k in wanted if any(n == k or n.endswith("." + k) for n in linear)]
+    if not found:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"none of the LoRA target_modules {list(wanted)} matches a Linear module of "
+            f"{type(model).__name__}; its Linear module names are {leaves}"
+        )
+    if len(found) < len(wanted):
+        log.warning("LoRA target_modules %s not in the model; using %s",
+                    sorted(set(wanted) - set(found)), found)
+    return found
+
+
+def _wrap_lora(model, lora: LoraConfig, init_adapter: Path | None):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    if init_adapter is not None:
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+        got = peft_model.peft_config["default"]
+        if got.r != lora.rank or got.lora_alpha != lora.alpha:
+            log.warning("init adapter %s has r=%s alpha=%s; config asks r=%s alpha=%s (the adapter's shape wins)",
+                        init_adapter, got.r, got.lora_alpha, lora.rank, lora.alpha)
+        return peft_model
+    targets = match_target_modules(model, lora.target_modules)
+    pcfg = PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, pcfg)
+
+
+def load_student(base_model_path: str | Path, adapter_dir: str | Path, *, dtype: str = "auto",
+                 device: str = "auto"):
+    """Base model + trained LoRA adapter, in eval mode, for evaluation and generation."""
+    from peft import PeftModel
+
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    base = _load_base(base_model_path, torch_dtype, dev)
+    base.config.use_cache = True
+    model = PeftModel.from_pretrained(base, str(adapter_dir))
+    return model.to(dev).eval()
+
+
+def _supports_mask_logits(model) -> bool:
+    """Whether forward(logits_to_keep=<bool [B, T]>) returns logits of just those positions."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep  # noqa: F401  (transformers >= 5)
+    except ImportError:
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="nll", mask_logits=True):
+    """Forward one micro-batch and return the weighted loss (see tasks.weighted_loss)."""
+    import torch
+
+    if mask_logits:
+        # Logit rows only where a label follows: position t predicts token t+1.
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        out = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep, use_cache=False)
+        logits = out.logits
+        if logits.dim() == 2:
+            import torch.nn.functional as F
+
+            targets = labels[:, 1:][keep[:, :-1]]
+            token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
+            sample_index = keep.nonzero(as_tuple=True)[0]
+            counts = keep.sum(dim=1)
+            return combine_token_nll(token_nll, sample_index, counts, weights, normalizer=normalizer,
+                                     negative=negative)
+        # A model that ignored the mask: fall through with the full logits it returned.
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return weighted_completion_loss(logits, labels, weights, normalizer=normalizer, negative=negative)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _fingerprint(base_model_path, examples: Sequence[TrainExample], cfg: TrainingConfig, lora: LoraConfig,
+                 init_adapter, negative: str, prompt_special_tokens: bool | None) -> str:
+    h = hashlib.sha256()
+    head = {
+        "v": _FORMAT_VERSION,
+        "base": str(base_model_path),
+        "cfg": cfg.model_dump(mode="json"),
+        "lora": lora.model_dump(mode="json"),
+        "init_adapter": str(init_adapter) if init_adapter else None,
+        "negative": negative,
+        "prompt_special_tokens": prompt_special_tokens,
+        "n": len(examples),
+    }
+    h.update(json.dumps(head, sort_keys=True).encode())
+    for ex in examples:
+        h.update(json.dumps([ex.prompt, ex.completion, float(ex.weight)]).encode())
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.is_dir() and d.name.startswith("step-") and (d / MANIFEST_FILE).is_file():
+                try:
+                    found.append((int(d.name[5:]), d))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
+    import torch
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    model.save_pretrained(str(tmp / ADAPTER_DIR))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
+    # Manifest last: a folder without it is incomplete and ignored on resume.
+    _write_json_atomic(tmp / MANIFEST_FILE, {
+        "format": _FORMAT_VERSION, "step": step, "fingerprint": state["fingerprint"],
+        "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
+    })
+    final = root / f"step-{step}"
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in _complete_checkpoints(root)[:-_KEEP_CHECKPOINTS]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter_file = ckpt / ADAPTER_DIR / "adapter_model.safetensors"
+    weights = load_file(str(adapter_file))
+    result = set_peft_model_state_dict(model, weights)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: unexpected keys {unexpected[:5]}")
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
+    return json.loads((ckpt / "state.json").read_text())
+
+
+def _save_adapter_atomic(model, out_dir: Path) -> Path:
+    final = out_dir / ADAPTER_DIR
+    tmp = out_dir / f".tmp-{ADAPTER_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _scheduler_name(schedule: str, warmup: int) -> str:
+    if schedule == "constant":
+        return "constant_with_warmup" if warmup else "constant"
+    return schedule  # "linear", "cosine": transformers' names, warmup included
+
+
+def train_lora(
+    base_model_path: str | Path,
+    examples: Sequence[TrainExample] | str | Path,
+    out_dir: str | Path,
+    cfg: TrainingConfig,
+    lora: LoraConfig,
+    *,
+    init_adapter: str | Path | None = None,
+    progress: Progress | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    negative: Literal["nll", "unlikelihood"] = "nll",
+    prompt_special_tokens: bool | None = None,
+) -> TrainResult:
+    """Train a LoRA adapter on (prompt, completion, weight) samples with the weighted loss.
+
+    base_model_path: a local HF model folder (or hub id); prepared names are resolved by the caller.
+    examples: TrainExample list or a Parquet file with prompt, completion, weight columns.
+    out_dir: gets adapter/, metrics.json and (while running) checkpoints/; calling again with the
+        same out_dir and inputs resumes from the last checkpoint or returns the finished result.
+    init_adapter: a previous round's adapter to continue training (loaded trainable) instead of a
+        fresh LoRA (then `lora`'s rank/alpha are the adapter's own).
+    progress: progress(step, total_steps) after each optimizer step; an exception raised from it
+        stops training (the last checkpoint stays usable).
+    negative: how negative-weight samples are pushed down (tasks.weighted_loss): "nll" (default,
+        -|w| * nll) or "unlikelihood" (bounded |w| * -log(1 - p)).
+    prompt_special_tokens: BOS handling of the prompt (see `encode_examples`).
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init_adapter = Path(init_adapter) if init_adapter is not None else None
+    examples = load_examples(examples)
+    fingerprint = _fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
+
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.is_file() and (out_dir / ADAPTER_DIR).is_dir():
+        stored = json.loads(metrics_path.read_text())
+        if stored.get("fingerprint") != fingerprint:
+            raise ValueError(f"{out_dir} holds a finished training run on different inputs; use a fresh out_dir")
+        log.info("training in %s already finished; returning its result", out_dir)
+        return TrainResult.from_dict(stored["result"])
+
+    # 1. weights: floor, then drop zeros before anything is tokenized.
+    floor = cfg.negative_weight_floor
+    bad = [i for i, e in enumerate(examples) if not math.isfinite(float(e.weight))]
+    if bad:
+        raise ValueError(f"{len(bad)} samples have a non-finite weight (first at index {bad[0]})")
+    floored = [TrainExample(e.prompt, e.completion, max(float(e.weight), floor)) for e in examples]
+    kept = [e for e in floored if e.weight != 0.0]
+    skipped_zero = len(floored) - len(kept)
+
+    from transformers import AutoTokenizer, get_scheduler
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_model_path))
+    enc = encode_examples(tokenizer, kept, cfg.max_length, prompt_special_tokens=prompt_special_tokens)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+    plan = plan_micro_batches([len(s) for s in enc.input_ids], cfg.batch_size, cfg.epochs, cfg.seed)
+    total_steps = math.ceil(len(plan) / cfg.grad_accum)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+    dev = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, dev)
+    autocast = (
+        torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16)
+        if torch_dtype == torch.bfloat16
+        else contextlib.nullcontext()
+    )
+    pad_to = 8 if dev.startswith("cuda") else 1
+
+    ckpt_root = out_dir / CHECKPOINTS_DIR
+    for stale in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    checkpoints = _complete_checkpoints(ckpt_root)
+
+    # The caller's RNG streams are left as they were; everything in here is seeded from cfg.seed.
+    fork_devices = [torch.cuda.current_device()] if dev.startswith("cuda") else []
+    with torch.random.fork_rng(devices=fork_devices):
+        random_state = random.getstate()
+        try:
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            model = _wrap_lora(_load_base(base_model_path, torch_dtype, dev), lora, init_adapter)
+            params = [p for p in model.parameters() if p.requires_grad]
+            if not params:
+                raise RuntimeError("the LoRA model has no trainable parameters")
+            n_train = sum(p.numel() for p in params)
+            opt_kw = {"fused": True} if dev.startswith("cuda") else {}
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **opt_kw)
+            scheduler = get_scheduler(_scheduler_name(cfg.schedule, warmup), optimizer,
+                                      num_warmup_steps=warmup, num_training_steps=max(total_steps, 1))
+
+            state: dict[str, Any] = {"step": 0, "loss_curve": [], "tokens": 0, "train_seconds": 0.0}
+            resumed_from = None
+            if checkpoints:
+                step_n, ckpt = checkpoints[-1]
+                manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
+                if manifest.get("fingerprint") != fingerprint:
+                    raise ValueError(f"{ckpt} was written for different inputs; use a fresh out_dir")
+                state = _load_checkpoint(ckpt, model, optimizer, scheduler)
+                resumed_from = step_n
+                log.info("resuming from %s (step %d of %d)", ckpt, step_n, total_steps)
+
+            log.info(
+                "LoRA training: %d samples (%d zero-weight dropped, %d truncated, %d too long), "
+                "%d micro-batches, %d steps, %d trainable params, %s %s",
+                len(enc.input_ids), skipped_zero, enc.truncated, enc.skipped_too_long, len(plan),
+                total_steps, n_train, dev, str(torch_dtype).replace("torch.", ""),
+            )
+            if not plan:
+                log.warning("no sample with a non-zero weight and a completion token: saving the initial adapter")
+
+            mask_logits = _supports_mask_logits(model)
+            probing = True
+            model.train()
+            loss_curve = [tuple(x) for x in state["loss_curve"]]
+            tokens = int(state["tokens"])
+            padded = int(state.get("padded_tokens", 0))
+            seconds = float(state["train_seconds"])
+            log_every = max(1, total_steps // 20)
+            for step in range(int(state["step"]), total_steps):
+                t0 = time.perf_counter()
+                micro = plan[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
+                norm = sum(abs(enc.weights[i]) for mb in micro for i in mb)
+                step_loss = torch.zeros((), device=dev)
+                step_tokens = 0
+                for mb in micro:
+                    cpu_batch = _collate(enc, mb, pad_id, pad_to)
+                    step_tokens += int(cpu_batch[1].sum())  # counted on the CPU copy: no device sync
+                    padded += cpu_batch[1].numel()
+                    ids, mask, labels, weights = (t.to(dev, non_blocking=True) for t in cpu_batch)
+                    with autocast:
+                        try:
+                            loss = batch_loss(model, ids, mask, labels, weights, normalizer=norm,
+                                              negative=negative, mask_logits=mask_logits)
+                        except (TypeError, RuntimeError, IndexError) as err:
+                            if not (mask_logits and probing):
+                                raise
+                            # A model whose forward does not take a boolean logits_to_keep: full logits.
+                            log.warning("masked logits unsupported by %s (%s); computing all logits",
+                                        type(model.get_base_model()).__name__, err)
+                            mask_logits = False
+                            loss = batch_loss(model, ids, mask, labels, weights, normalizer=norm,
+                                              negative=negative, mask_logits=False)
+                        probing = False
+                    loss.backward()
+                    step_loss += loss.detach()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_value = float(step_loss)
+                seconds += time.perf_counter() - t0
+                tokens += step_tokens
+                loss_curve.append((step + 1, loss_value))
+                if not math.isfinite(loss_value):
+                    log.warning("step %d: non-finite loss %s", step + 1, loss_value)
+                if (step + 1) % log_every == 0 or step + 1 == total_steps:
+                    log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.0f", step + 1, total_steps,
+                             loss_value, scheduler.get_last_lr()[0], float(grad_norm), tokens / max(seconds, 1e-9))
+                if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
+                    _save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, {
+                        "step": step + 1, "next_micro_batch": (step + 1) * cfg.grad_accum,
+                        "loss_curve": [list(x) for x in loss_curve], "tokens": tokens, "padded_tokens": padded,
+                        "train_seconds": seconds, "fingerprint": fingerprint, "total_steps": total_steps,
+                    })
+                if progress is not None:
+                    progress(step + 1, total_steps)
+
+            adapter_dir = _save_adapter_atomic(model, out_dir)
+        finally:
+            random.setstate(random_state)
+
+    result = TrainResult(
+        adapter_dir=adapter_dir,
+        loss_curve=loss_curve,
+        tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+        samples_used=len(enc.input_ids),
+        samples_skipped_zero_weight=skipped_zero,
+        samples_truncated=enc.truncated,
+        steps=total_steps,
+        train_seconds=seconds,
+        samples_skipped_too_long=enc.skipped_too_long,
+        tokens=tokens,
+        resumed_from_step=resumed_from,
+        extra={"trainable_params": n_train, "device": dev, "dtype": str(torch_dtype).replace("torch.", ""),
+               "warmup_steps": warmup, "padded_tokens": padded, "micro_batches": len(plan), "negative": negative},
+    )
+    _write_json_atomic(metrics_path, {"fingerprint": fingerprint, "result": result.to_dict()})
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+    return result

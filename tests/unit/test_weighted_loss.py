@@ -1,0 +1,163 @@
+"""The weighted completion loss against hand-built logits and plain cross-entropy."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+from tasks.weighted_loss import IGNORE_INDEX, sample_mean_nll, weighted_completion_loss  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+B, T, V = 3, 7, 11
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).float()
+    ids = torch.randint(0, V, (B, T), generator=g)
+    labels = ids.clone()
+    # Prompts of different lengths, right padding on the last sample.
+    labels[0, :2] = IGNORE_INDEX
+    labels[1, :4] = IGNORE_INDEX
+    labels[2, :3] = IGNORE_INDEX
+    labels[2, 5:] = IGNORE_INDEX
+    return logits, labels
+
+
+def _manual_sample_means(logits, labels):
+    out = []
+    for i in range(labels.shape[0]):
+        lg, lb = logits[i, :-1], labels[i, 1:]
+        keep = lb != IGNORE_INDEX
+        out.append(F.cross_entropy(lg[keep], lb[keep]))
+    return torch.stack(out)
+
+
+def test_unit_weights_is_mean_of_per_sample_means():
+    logits, labels = _batch()
+    loss = weighted_completion_loss(logits, labels, torch.ones(B))
+    expected = _manual_sample_means(logits, labels).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert sample_mean_nll(logits, labels) == pytest.approx(_manual_sample_means(logits, labels), rel=1e-6)
+
+
+def test_single_sample_equals_cross_entropy():
+    logits, labels = _batch()
+    one_l, one_y = logits[:1], labels[:1]
+    expected = F.cross_entropy(one_l[0, :-1], one_y[0, 1:], ignore_index=IGNORE_INDEX)
+    for w in (1.0, 0.3, 5.0):  # normalised by |w|: the scale of a lone sample's weight cancels
+        assert weighted_completion_loss(one_l, one_y, [w]).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_unshifted_labels():
+    logits, labels = _batch()
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    a = weighted_completion_loss(logits, labels, [1.0, 2.0, -0.5])
+    b = weighted_completion_loss(logits, shifted, [1.0, 2.0, -0.5], shift=False)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_weighted_formula_and_zero_weight_contributes_nothing():
+    logits, labels = _batch()
+    w = torch.tensor([2.0, 0.0, -1.0])
+    per = _manual_sample_means(logits, labels)
+    expected = (2.0 * per[0] - 1.0 * per[2]) / 3.0
+    assert weighted_completion_loss(logits, labels, w).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    # Whatever sample 1's logits are, the loss and the other samples' gradients do not move.
+    logits2 = logits.clone()
+    logits2[1] = torch.randn(T, V) * 10
+    assert weighted_completion_loss(logits2, labels, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    x = logits.clone().requires_grad_(True)
+    weighted_completion_loss(x, labels, w).backward()
+    assert torch.count_nonzero(x.grad[1]) == 0
+
+
+def test_normalizer_makes_accumulation_equal_one_big_batch():
+    logits, labels = _batch()
+    w = torch.tensor([1.0, 0.5, -2.0])
+    full = weighted_completion_loss(logits, labels, w)
+    total = w.abs().sum().item()
+    parts = weighted_completion_loss(logits[:2], labels[:2], w[:2], normalizer=total) + weighted_completion_loss(
+        logits[2:], labels[2:], w[2:], normalizer=total
+    )
+    assert parts.item() == pytest.approx(full.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["all_masked", "zero_weights"])
+def test_degenerate_batch_is_zero_not_nan_with_zero_grad(case):
+    logits, labels = _batch()
+    w = torch.ones(B)
+    if case == "all_masked":
+        labels = torch.full_like(labels, IGNORE_INDEX)
+    else:
+        w = torch.zeros(B)
+    x = logits.clone().requires_grad_(True)
+    loss = weighted_completion_loss(x, labels, w)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert x.grad is not None and torch.count_nonzero(x.grad) == 0
+
+
+def test_sample_without_completion_tokens_is_ignored():
+    logits, labels = _batch()
+    labels[1] = IGNORE_INDEX
+    per = _manual_sample_means(logits[[0, 2]], labels[[0, 2]])
+    loss = weighted_completion_loss(logits, labels, [1.0, 5.0, 1.0])
+    assert loss.item() == pytest.approx(per.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("negative", ["nll", "unlikelihood"])
+def test_negative_weight_gradient_lowers_likelihood(negative):
+    logits, labels = _batch()
+    lb = labels[:1]
+    target_pos = (lb[0, 1:] != IGNORE_INDEX).nonzero()[0, 0].item()
+    target = lb[0, target_pos + 1].item()
+
+    def grad_at_target(weight):
+        x = logits[:1].clone().requires_grad_(True)
+        weighted_completion_loss(x, lb, [weight], negative=negative).backward()
+        return x.grad[0, target_pos, target].item()
+
+    # Gradient descent moves logits along -grad: a positive weight raises the target's logit
+    # (negative gradient), a negative weight lowers it (positive gradient).
+    assert grad_at_target(1.0) < 0
+    assert grad_at_target(-1.0) > 0
+
+    # And one descent step on a negative-weight sample raises its NLL.
+    x = logits[:1].clone().requires_grad_(True)
+    weighted_completion_loss(x, lb, [-1.0], negative=negative).backward()
+    before = sample_mean_nll(logits[:1], lb)[0]
+    after = sample_mean_nll(logits[:1] - 1.0 * x.grad, lb)[0]
+    assert after > before
+
+
+def test_unlikelihood_is_bounded_and_finite():
+    logits, labels = _batch()
+    # A sample the model is certain of: p -> 1, -log(1 - p) must stay finite.
+    sure = torch.full((1, T, V), -1e4)
+    lb = labels[:1].clone()
+    for t in range(T - 1):
+        if lb[0, t + 1] != IGNORE_INDEX:
+            sure[0, t, lb[0, t + 1]] = 1e4
+    loss = weighted_completion_loss(sure, lb, [-1.0], negative="unlikelihood")
+    assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_bad_shapes_and_weights():
+    logits, labels = _batch()
+    with pytest.raises(ValueError, match="weights"):
+        weighted_completion_loss(logits, labels, [1.0, 2.0])
+    with pytest.raises(ValueError, match="expected logits"):
+        weighted_completion_loss(logits[0], labels, [1.0] * B)
+    with pytest.raises(ValueError, match="negative"):
+        weighted_completion_loss(logits, labels, [1.0] * B, negative="bogus")
+
+
+def test_bf16_logits_computed_in_float32():
+    logits, labels = _batch()
+    a = weighted_completion_loss(logits.bfloat16(), labels, torch.ones(B))
+    assert a.dtype == torch.float32
+    assert a.item() == pytest.approx(weighted_completion_loss(logits, labels, torch.ones(B)).item(), rel=2e-2)
