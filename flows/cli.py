@@ -49,6 +49,98 @@ def _cmd_models_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prefect_env() -> None:
+    """Telemetry off by default: these machines have no network, and users did not ask for it."""
+    import os
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    from tasks.config import load_config
+
+    cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
+    _prefect_env()
+    from flows.distill import run
+
+    history = run(cfg)
+    from tasks.report import build_report
+
+    md, html_path = build_report(cfg.workdir, cfg.run_name)
+    where = os.environ.get("PREFECT_API_URL") or "ephemeral server (run `stillhouse ui` for the UI)"
+    print(f"rounds:  {len(history)} finished")
+    for m in history:
+        print(f"  round {m['round']}: teacher acc {m['teacher_accuracy']:.3f}, student {m.get('student_accuracy')}, "
+              f"easy {m.get('easy')} / hard {m.get('hard')}, new problems {m.get('synth_kept', 0)}")
+    print(f"catalog: {Path(cfg.workdir).resolve() / 'catalog'}")
+    print(f"report:  {html_path.resolve()}")
+    print(f"prefect: {where}")
+    return 0
+
+
+def _open_catalog(workdir: str):
+    from storage.catalog import Catalog
+
+    if not (Path(workdir) / "catalog").is_dir():
+        raise FileNotFoundError(f"{workdir} holds no Stillhouse catalog (no catalog/ folder)")
+    return Catalog(workdir, read_only=True)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from tasks.report import round_summaries
+
+    with _open_catalog(args.workdir) as cat:
+        status = cat.status()
+    done = {m["round"]: m for m in round_summaries(args.workdir)}
+    print(f"{status.workdir}  (current snapshot {status.current_snapshot})")
+    print(f"{'round':>5}  {'status':<10} {'version':>7} {'problems':>8} {'samples':>8}  steps")
+    for r in status.rounds:
+        m = done.get(r.round)
+        steps = "complete" if m else "in progress"
+        print(f"{r.round:>5}  {r.status:<10} {r.snapshot_id if r.snapshot_id is not None else '-':>7} "
+              f"{r.problems:>8} {r.samples:>8}  {steps}")
+    return 0
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    with _open_catalog(args.workdir) as cat:
+        d = cat.diff(args.a, args.b)
+    print(json.dumps(dataclasses.asdict(d), indent=2, default=str))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    with _open_catalog(args.workdir) as cat:
+        n = cat.export(args.round, args.out)
+    print(f"wrote {n} rows of round {args.round} to {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from tasks.report import build_report
+
+    md, html_path = build_report(args.workdir)
+    print(md)
+    print(html_path)
+    return 0
+
+
+def _cmd_ui(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    _prefect_env()
+    url = f"http://127.0.0.1:{args.port}"
+    print(f"Prefect UI: {url}   (flows report there when PREFECT_API_URL={url}/api is set)")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
+    return subprocess.call(cmd, env=os.environ.copy())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillhouse",
@@ -56,6 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="Run (or resume) a multi-round distillation.")
+    p.add_argument("config", help="Run config YAML (see configs/).")
+    p.add_argument("--workdir", default=None, help="Run directory (overrides the config's).")
+    p.add_argument("--rounds", type=int, default=None, help="Total rounds (overrides the config's).")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("status", help="Rounds, versions and steps of a run directory.")
+    p.add_argument("workdir")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("diff", help="What changed between two rounds' dataset versions.")
+    p.add_argument("workdir")
+    p.add_argument("a", type=int)
+    p.add_argument("b", type=int)
+    p.set_defaults(func=_cmd_diff)
+
+    p = sub.add_parser("export", help="Export a round's training set (.parquet or .jsonl).")
+    p.add_argument("workdir")
+    p.add_argument("--round", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("report", help="Write the run report (Markdown + HTML with plots).")
+    p.add_argument("workdir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("ui", help="Start the Prefect server and UI on 127.0.0.1.")
+    p.add_argument("--port", type=int, default=4200)
+    p.set_defaults(func=_cmd_ui)
 
     p = sub.add_parser("verify", help="Score existing generations (JSONL with reference, response).")
     p.add_argument("input", help="Input JSONL: one object per line with `reference` and `response`.")
@@ -85,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Per-request HTTP lines from Prefect's client drown the run's own log.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from storage.catalog import CatalogError
+    from storage.lock import RunLockedError
+
     try:
         return args.func(args)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RunLockedError, CatalogError) as err:
         # Expected user errors (unreadable file, bad config): one clear line, non-zero exit.
         print(f"stillhouse: error: {err}", file=sys.stderr)
         return 2

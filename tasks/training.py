@@ -478,6 +478,15 @@ def _scheduler_name(schedule: str, warmup: int) -> str:
     return schedule  # "linear", "cosine": transformers' names, warmup included
 
 
+def finished_result(out_dir: str | Path) -> TrainResult | None:
+    """The result of a finished training in `out_dir` without loading any model, else None."""
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / METRICS_FILE
+    if not (metrics_path.is_file() and (out_dir / ADAPTER_DIR).is_dir()):
+        return None
+    return TrainResult.from_dict(json.loads(metrics_path.read_text())["result"])
+
+
 def train_lora(
     base_model_path: str | Path,
     examples: Sequence[TrainExample] | str | Path,

@@ -1,0 +1,118 @@
+"""The Stillhouse flows: a multi-round distillation run and the round it repeats.
+
+A round reads top to bottom as the method (FDD + AdvDistill):
+
+    sample -> verify -> weigh -> version -> train -> evaluate -> split -> synthesize
+
+Each step is a Prefect task around a plain function of `tasks.round_steps`; tasks pass paths, ids
+and content hashes (StepResult), never DataFrames or models. Orchestration policy lives here:
+
+- retries where there is I/O or a remote call (loading sources, teacher sampling);
+- GPU steps carry the tag `gpu`, so `prefect concurrency-limit create gpu 1` keeps two of them off
+  one GPU;
+- no Prefect result caching: resumption lives in the run's workdir (content-addressed Parquet
+  outputs, adapter checkpoints, idempotent catalog writes), which survives a lost Prefect database
+  and travels with the run directory;
+- artifacts: a table per round, a markdown accuracy curve, progress during model work.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.monitoring import ProgressReporter, publish_report, publish_round
+from storage.lock import RunLock
+from tasks import round_steps as steps
+from tasks.config import RunConfig
+from tasks.report import record_round
+from tasks.round_steps import StepResult
+
+GPU = "gpu"
+
+
+def _step(fn, *, gpu: bool = False, retries: int = 0):
+    return task(
+        fn,
+        name=fn.__name__.replace("_", "-"),
+        tags=[GPU] if gpu else [],
+        retries=retries,
+        retry_delay_seconds=10,
+        cache_policy=NO_CACHE,
+        persist_result=False,
+    )
+
+
+seed_problems = _step(steps.seed_problems, retries=2)
+sample_teacher = _step(steps.sample_teacher, gpu=True, retries=1)
+verify_samples = _step(steps.verify_samples)
+weigh_samples = _step(steps.weigh_samples)
+commit_version = _step(steps.commit_version, retries=1)
+train_student = _step(steps.train_student, gpu=True)
+evaluate_student = _step(steps.evaluate, gpu=True)
+split_pool = _step(steps.split_pool)
+synthesize_problems = _step(steps.synthesize_problems, gpu=True, retries=1)
+
+
+def _progress(cfg: RunConfig, round: int, what: str) -> ProgressReporter:
+    return ProgressReporter(f"{cfg.run_name} r{round} {what}")
+
+
+@flow(name="stillhouse-round", log_prints=False)
+def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | None = None) -> dict[str, Any]:
+    """One round: the teacher's samples become a weighted, versioned dataset; the student trains on
+    it; its results split the pool; the teacher writes the next round's new problems."""
+    cfg, log = config, get_run_logger()
+
+    sampled = sample_teacher(cfg, round, _progress(cfg, round, "sample"))
+    verified = verify_samples(cfg, round, sampled)
+    weighted = weigh_samples(cfg, round, verified)
+    metrics: dict[str, Any] = {"round": round, **sampled.metrics, **verified.metrics, **weighted.metrics}
+    version = commit_version(cfg, round, weighted, metrics)
+    trained = train_student(cfg, round, version, previous_adapter, _progress(cfg, round, "train"))
+    evaluated = evaluate_student(cfg, round, trained, _progress(cfg, round, "evaluate"))
+    split = split_pool(cfg, round, evaluated)
+    results = [sampled, verified, weighted, version, trained, evaluated, split]
+    if cfg.synthesis.enabled and round + 1 < cfg.rounds:
+        results.append(synthesize_problems(cfg, round, split, _progress(cfg, round, "synthesize")))
+
+    for r in results[3:]:
+        metrics.update({k: v for k, v in r.metrics.items() if k != "labels"})
+    metrics["steps_computed"] = [r.name for r in results if r.computed]
+    metrics["adapter"] = trained.path
+    record_round(cfg.workdir, round, metrics)
+    publish_round(cfg.run_name, round, metrics)
+    log.info(
+        "round %d: teacher acc %.3f, student %s, easy %s / hard %s, new problems %s, recomputed %s",
+        round, metrics["teacher_accuracy"], metrics.get("student_accuracy"), metrics.get("easy"),
+        metrics.get("hard"), metrics.get("synth_kept", 0), metrics["steps_computed"] or "nothing",
+    )
+    return {"metrics": metrics, "adapter": trained}
+
+
+@flow(name="stillhouse", log_prints=False)
+def distill(config: RunConfig) -> list[dict[str, Any]]:
+    """A multi-round run. Rerunning it on the same workdir continues where it stopped."""
+    cfg, log = config, get_run_logger()
+    Path(cfg.workdir).mkdir(parents=True, exist_ok=True)
+    with RunLock(cfg.workdir):
+        seeded = seed_problems(cfg)
+        log.info("seed pool: %s", seeded.metrics)
+        history: list[dict[str, Any]] = []
+        adapter: StepResult | None = None
+        for r in range(cfg.rounds):
+            out = distill_round.with_options(flow_run_name=f"{cfg.run_name}-round-{r}")(cfg, r, adapter)
+            adapter = out["adapter"]
+            history.append(out["metrics"])
+        publish_report(cfg.run_name, history)
+    return history
+
+
+def run(config: RunConfig) -> list[dict[str, Any]]:
+    """Run with a flow-run name of the run's name (Prefect shows it in the UI's run list)."""
+    logging.getLogger("multilingual_gsm_symbolic").setLevel(logging.WARNING)
+    return distill.with_options(flow_run_name=config.run_name)(config)

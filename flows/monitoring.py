@@ -1,0 +1,100 @@
+"""What a user watching the run sees: Prefect artifacts in the UI and progress bars in the terminal."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+
+def artifact_key(text: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+class ProgressReporter:
+    """progress(done, total) -> a Prefect progress artifact and a tqdm bar, throttled."""
+
+    def __init__(self, description: str, min_interval_s: float = 2.0):
+        self.description = description
+        self.min_interval_s = min_interval_s
+        self._artifact = None
+        self._bar: tqdm | None = None
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            self._bar = tqdm(total=total, desc=self.description, unit="it", leave=False)
+            try:
+                self._artifact = create_progress_artifact(progress=0.0, description=self.description)
+            except Exception:  # outside a run context the UI simply gets no progress artifact
+                log.debug("no progress artifact for %s", self.description, exc_info=True)
+        self._bar.total = total
+        self._bar.n = done
+        self._bar.refresh()
+        now = time.monotonic()
+        if self._artifact is not None and (done >= total or now - self._last >= self.min_interval_s):
+            self._last = now
+            update_progress_artifact(self._artifact, progress=100.0 * done / max(total, 1))
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return round(v, 4)
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
+    return v
+
+
+ROUND_COLUMNS = [
+    ("pool", "pool size"), ("samples", "samples"), ("teacher_accuracy", "teacher accuracy"),
+    ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |weight|"),
+    ("train_loss", "train loss"), ("tokens_per_s", "train tokens/s"),
+    ("student_accuracy", "student accuracy"), ("easy", "easy"), ("hard", "hard"),
+    ("synth_generated", "synthesized"), ("synth_kept", "kept"), ("synth_dropped", "dropped"),
+]
+
+
+def publish_round(run_name: str, round: int, metrics: dict[str, Any]) -> None:
+    rows = [{"metric": label, "value": _fmt(metrics.get(name))} for name, label in ROUND_COLUMNS]
+    create_table_artifact(
+        key=artifact_key(f"{run_name}-round-{round}"),
+        table=rows,
+        description=f"{run_name}: round {round} summary",
+    )
+
+
+def accuracy_markdown(run_name: str, history: list[dict[str, Any]]) -> str:
+    sets = sorted({s for m in history for s in (m.get("student_accuracy") or {})})
+    head = "| round | teacher acc | " + " | ".join(f"student {s}" for s in sets) + " | easy | hard | new |"
+    sep = "|" + "---|" * (head.count("|") - 1)
+    lines = [f"# {run_name}: accuracy across rounds", "", head, sep]
+    for m in history:
+        acc = m.get("student_accuracy") or {}
+        cells = [str(m["round"]), f"{m.get('teacher_accuracy', 0):.3f}"]
+        cells += [f"{acc[s]:.3f}" if s in acc else "-" for s in sets]
+        cells += [str(m.get("easy", "-")), str(m.get("hard", "-")), str(m.get("synth_kept", "-"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_report(run_name: str, history: list[dict[str, Any]]) -> None:
+    create_markdown_artifact(
+        key=artifact_key(f"{run_name}-report"),
+        markdown=accuracy_markdown(run_name, history),
+        description=f"{run_name}: accuracy curve",
+    )

@@ -1,0 +1,122 @@
+"""The run report: accuracy per round and the reward / weight distributions, as Markdown and HTML.
+
+Reads the per-round summaries the flow records (`<workdir>/rounds/round-<r>.json`) and the samples
+of each committed round from the catalog. Plots are PNGs drawn with matplotlib's Agg backend and
+embedded in the HTML, so the report is one file a user can open anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from storage import parquet_io
+
+
+def round_summaries(workdir: str | Path) -> list[dict[str, Any]]:
+    files = sorted((Path(workdir) / "rounds").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [json.loads(p.read_text()) for p in files]
+
+
+def record_round(workdir: str | Path, round: int, metrics: dict[str, Any]) -> Path:
+    return parquet_io.write_json_atomic(metrics, Path(workdir) / "rounds" / f"round-{round}.json")
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[float]]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    rounds = [m["round"] for m in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(rounds, [m.get("teacher_accuracy") for m in history], marker="o", label="teacher (samples)")
+    sets = sorted({s for m in history for s in (m.get("student_accuracy") or {})})
+    for s in sets:
+        ax.plot(rounds, [(m.get("student_accuracy") or {}).get(s) for m in history], marker="s",
+                label=f"student: {s}")
+    ax.plot(rounds, [m.get("pool_mean_pass_rate") for m in history], marker="^", ls="--",
+            label="student pass rate (pool)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xticks(rounds)
+    ax.legend(fontsize=8)
+    ax.set_title("Accuracy per round")
+    out["accuracy"] = _png(fig)
+    plt.close(fig)
+
+    for column in ("reward", "weight"):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for r, cols in sorted(samples.items()):
+            if cols[column]:
+                ax.hist(cols[column], bins=30, alpha=0.5, label=f"round {r}")
+        ax.set_xlabel(column)
+        ax.set_ylabel("samples")
+        ax.set_title(f"{column.capitalize()} distribution")
+        ax.legend(fontsize=8)
+        out[column] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def _markdown(run: str, history: list[dict[str, Any]]) -> str:
+    cols = [("pool", "pool"), ("samples", "samples"), ("teacher_accuracy", "teacher acc"),
+            ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |w|"),
+            ("train_loss", "train loss"), ("student_overall", "student acc"),
+            ("pool_mean_pass_rate", "pool pass rate"), ("easy", "easy"), ("hard", "hard"),
+            ("synth_generated", "synthesized"), ("synth_kept", "kept")]
+    lines = [f"# Stillhouse report: {run}", "", "| round | " + " | ".join(c[1] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    for m in history:
+        cells = []
+        for k, _ in cols:
+            v = m.get(k)
+            cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+        lines.append(f"| {m['round']} | " + " | ".join(cells) + " |")
+    for m in history:
+        if m.get("synth_dropped"):
+            drops = ", ".join(f"{k}={v}" for k, v in m["synth_dropped"].items() if v)
+            lines.append(f"\nRound {m['round']} synthesis drops: {drops or 'none'}")
+    return "\n".join(lines) + "\n"
+
+
+def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path, Path]:
+    """Write <workdir>/report/report.md and report.html; returns their paths."""
+    from storage.catalog import Catalog
+
+    workdir = Path(workdir)
+    history = round_summaries(workdir)
+    if not history:
+        raise FileNotFoundError(f"{workdir} has no finished rounds (no rounds/round-*.json)")
+    samples: dict[int, dict[str, list[float]]] = {}
+    with Catalog(workdir, read_only=True) as cat:
+        committed = [r.round for r in cat.status().rounds if r.status == "committed"]
+        for r in committed:
+            t = cat.samples_for_round(r).select(["reward", "weight"])
+            samples[r] = {"reward": t["reward"].to_pylist(), "weight": t["weight"].to_pylist()}
+    run = run_name or workdir.name
+    md = _markdown(run, history)
+    plots = _plots(history, samples)
+    md_path = parquet_io.write_bytes_atomic(
+        (md + "\n" + "\n".join(f"![{k}]({k}.png)" for k in plots) + "\n").encode(),
+        workdir / "report" / "report.md",
+    )
+    for name, data in plots.items():
+        parquet_io.write_bytes_atomic(base64.b64decode(data), workdir / "report" / f"{name}.png")
+    body = "".join(f'<h2>{html.escape(k)}</h2><img src="data:image/png;base64,{v}"/>' for k, v in plots.items())
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run)}</title></head>"
+            f"<body><pre>{html.escape(md)}</pre>{body}</body></html>")
+    html_path = parquet_io.write_bytes_atomic(page.encode(), workdir / "report" / "report.html")
+    return md_path, html_path
