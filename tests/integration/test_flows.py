@@ -1,0 +1,280 @@
+"""The multi-round flow end to end on tiny models, against a real (temporary) Prefect server.
+
+Model work is counted by wrapping the real hf backend's `sample` and the real trainer: a rerun of a
+finished run must do none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from storage.catalog import Catalog
+from tasks.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.server]
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "configs" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("models")
+    old = os.environ.get("STILLHOUSE_MODELS_DIR")
+    os.environ["STILLHOUSE_MODELS_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("STILLHOUSE_MODELS_DIR", None)
+    else:
+        os.environ["STILLHOUSE_MODELS_DIR"] = old
+
+
+class ModelWork:
+    """Counts real generate calls and real training runs."""
+
+    def __init__(self, monkeypatch):
+        import tasks.hf_backend as hf
+        import tasks.training as training
+
+        self.samples = 0
+        self.trainings = 0
+        real_sample, real_train = hf.HFBackend.sample, training.train_lora
+
+        def sample(backend, requests, params, progress=None):
+            self.samples += len(requests)
+            return real_sample(backend, requests, params, progress)
+
+        def train(*args, **kwargs):
+            self.trainings += 1
+            return real_train(*args, **kwargs)
+
+        monkeypatch.setattr(hf.HFBackend, "sample", sample)
+        monkeypatch.setattr(training, "train_lora", train)
+
+
+def _run(cfg):
+    from flows.distill import run
+
+    return run(cfg)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(harness, models_dir, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    work = ModelWork(mp)
+    cfg = load_config(SMOKE, workdir=str(tmp_path_factory.mktemp("smoke") / "run"))
+    t0 = time.monotonic()
+    history = _run(cfg)
+    elapsed = time.monotonic() - t0
+    mp.undo()
+    return cfg, history, work, elapsed
+
+
+def test_two_rounds_complete_with_versions_and_lineage(smoke_run):
+    cfg, history, work, _ = smoke_run
+    assert [m["round"] for m in history] == [0, 1]
+    assert work.samples > 0 and work.trainings == 2
+    with Catalog(cfg.workdir, read_only=True) as cat:
+        rounds = {r.round: r for r in cat.status().rounds}
+        assert rounds[0].status == rounds[1].status == "committed"
+        assert rounds[0].snapshot_id < rounds[1].snapshot_id
+        pool0 = history[0]["pool"]
+        assert rounds[0].samples == pool0 * cfg.sampling.n
+        # time travel: round 0's version holds no round-1 samples
+        assert cat.read("samples", round=0).num_rows == rounds[0].samples
+        problems = cat.read("problems").to_pylist()
+        new = [p for p in problems if p["operation"] != "seed"]
+        assert len(new) == history[0].get("synth_kept", 0)
+        for p in new:  # every synthesized problem chains back to a seed
+            chain = cat.lineage(p["problem_id"])
+            assert chain[0]["problem_id"] == p["problem_id"] and chain[-1]["operation"] == "seed"
+            assert p["round_introduced"] == 1
+        diff = cat.diff(0, 1)
+        assert sorted(diff.problems_added) == sorted(p["problem_id"] for p in new)
+        weights = cat.samples_for_round(0)["weight"].to_pylist()
+        assert len(weights) == rounds[0].samples
+    summary = json.loads((Path(cfg.workdir) / "rounds" / "round-1.json").read_text())
+    assert summary["round"] == 1 and "student_accuracy" in summary
+
+
+def test_rerun_does_no_model_work(smoke_run, monkeypatch):
+    cfg, history, _, _ = smoke_run
+    work = ModelWork(monkeypatch)
+    again = _run(cfg)
+    assert work.samples == 0 and work.trainings == 0
+    assert [m["steps_computed"] for m in again] == [[], []]
+    results = ("pool", "samples", "teacher_accuracy", "mean_abs_weight", "snapshot", "train_loss",
+               "student_accuracy", "easy", "hard", "synth_kept", "adapter")
+    assert [{k: m.get(k) for k in results} for m in again] == [{k: m.get(k) for k in results} for m in history]
+
+
+def test_artifacts_are_published(smoke_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(limit=200)}
+        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["smoke-round-1"])))
+    assert {"smoke-round-0", "smoke-round-1", "smoke-report"} <= keys
+    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
+    metrics = {r["metric"] for r in rows}
+    assert {"teacher accuracy", "student accuracy", "easy", "hard", "train loss"} <= metrics
+
+
+def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, monkeypatch):
+    cfg, _, _, _ = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(cfg.workdir, workdir)
+    one_round = load_config(SMOKE, workdir=str(workdir), rounds=1)
+
+    changed = one_round.model_copy(update={"evaluation": one_round.evaluation.model_copy(update={"pool_k": 3})})
+    work = ModelWork(monkeypatch)
+    out = _run(changed)
+    assert out[0]["steps_computed"] == ["evaluate", "split"]
+    assert work.trainings == 0 and work.samples > 0  # only the student's new pool samples
+
+    changed = one_round.model_copy(
+        update={"training": one_round.training.model_copy(update={"learning_rate": 1e-3})}
+    )
+    work = ModelWork(monkeypatch)
+    out = _run(changed)
+    assert out[0]["steps_computed"] == ["train", "evaluate", "split"]
+    assert work.trainings == 1
+
+    # A change that would alter a committed version is refused, naming the round.
+    changed = one_round.model_copy(update={"rewards": one_round.rewards.model_copy(update={"format": 0.5})})
+    with pytest.raises(Exception, match="round 0 is committed"):
+        _run(changed)
+
+
+def test_second_run_on_same_workdir_fails_at_once(smoke_run):
+    from storage.lock import RunLock
+
+    cfg, _, _, _ = smoke_run
+    with RunLock(cfg.workdir):
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", str(SMOKE), "--workdir", cfg.workdir],
+            capture_output=True, text=True, timeout=300,
+        )
+    assert proc.returncode != 0
+    assert "in use by pid" in proc.stderr
+
+
+def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
+    cfg, _, _, _ = smoke_run
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    status = cli("status", cfg.workdir)
+    assert "committed" in status and "complete" in status
+    diff = json.loads(cli("diff", cfg.workdir, "0", "1"))
+    assert diff["from_round"] == 0 and diff["samples_added_by_round"]
+    out = tmp_path / "r1.parquet"
+    cli("export", cfg.workdir, "--round", "1", "--out", str(out))
+    assert pq.read_table(out).num_rows > 0
+    cli("report", cfg.workdir)
+    html = (Path(cfg.workdir) / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+KILL_OVERRIDES = {
+    # small shards and uniform weights so that both sampling and training span many checkpoints
+    "sampling": {"n": 4, "max_new_tokens": 32, "batch_size": 2},
+    "weighting": {"scheme": "uniform"},
+    "training": {"batch_size": 2, "max_length": 256, "checkpoint_every": 1, "epochs": 2},
+}
+
+
+def _kill_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    data = yaml.safe_load(SMOKE.read_text())
+    for section, values in KILL_OVERRIDES.items():
+        data.setdefault(section, {}).update(values)
+    workdir = tmp_path / name
+    data["workdir"] = str(workdir)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path, workdir
+
+
+def _cli_run(config: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+
+def _wait_for(predicate, proc, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _export(workdir: Path, round: int, out: Path):
+    with Catalog(workdir, read_only=True) as cat:
+        cat.export(round, out)
+    return pq.read_table(out).sort_by("sample_id").to_pylist()
+
+
+@pytest.mark.slow
+def test_sigkill_mid_sampling_and_mid_training_then_rerun_equals_uninterrupted(models_dir, tmp_path):
+    env = {**os.environ, "STILLHOUSE_MODELS_DIR": str(models_dir), "PREFECT_HOME": str(tmp_path / "ph")}
+
+    ref_cfg, ref_dir = _kill_config(tmp_path, "reference")
+    proc = _cli_run(ref_cfg, env)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+
+    cfg, workdir = _kill_config(tmp_path, "killed")
+    teacher_parts = lambda: list((workdir / "cache" / "teacher").glob("*/part-*.parquet"))  # noqa: E731
+    checkpoints = lambda: list((workdir / "adapters").glob("round-0/*/checkpoints/step-*/manifest.json"))  # noqa: E731
+
+    proc = _cli_run(cfg, env)
+    assert _wait_for(lambda: len(teacher_parts()) >= 1, proc), "sampling never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    manifests = list((workdir / "cache" / "teacher").glob("*/_manifest.json"))
+    assert not manifests, "killed too late: sampling had already finished"
+
+    proc = _cli_run(cfg, env)
+    assert _wait_for(lambda: len(checkpoints()) >= 1, proc), "training never checkpointed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not list((workdir / "adapters").glob("round-0/*/metrics.json")), "killed too late: training finished"
+
+    proc = _cli_run(cfg, env)
+    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+
+    for r in (0, 1):
+        got = _export(workdir, r, tmp_path / f"killed-{r}.parquet")
+        want = _export(ref_dir, r, tmp_path / f"ref-{r}.parquet")
+        assert len(got) == len(want) and got == want
