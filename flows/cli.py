@@ -136,7 +136,9 @@ def _cmd_ui(args: argparse.Namespace) -> int:
 
     _prefect_env()
     url = f"http://127.0.0.1:{args.port}"
-    print(f"Prefect UI: {url}   (flows report there when PREFECT_API_URL={url}/api is set)")
+    print(f"Prefect UI: {url}")
+    print("  Runs made without a server (Prefect's ephemeral mode) are stored in $PREFECT_HOME/prefect.db")
+    print(f"  and show up here. To watch a run live, start it with PREFECT_API_URL={url}/api")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
     return subprocess.call(cmd, env=os.environ.copy())
 
