@@ -66,7 +66,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _prefect_env()
     from flows.distill import run
 
+    import time
+
+    started = time.monotonic()
     history = run(cfg)
+    wall = time.monotonic() - started
+    model = sum(m.get("model_seconds", 0.0) for m in history)
     from tasks.report import build_report
 
     md, html_path = build_report(cfg.workdir, cfg.run_name)
@@ -75,6 +80,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for m in history:
         print(f"  round {m['round']}: teacher acc {m['teacher_accuracy']:.3f}, student {m.get('student_accuracy')}, "
               f"easy {m.get('easy')} / hard {m.get('hard')}, new problems {m.get('synth_kept', 0)}")
+    print(f"time:    {wall:.1f}s wall, {model:.1f}s model work ({100 * (1 - model / wall):.1f}% outside model "
+          f"work: Prefect, verification, I/O, catalog)")
     print(f"catalog: {Path(cfg.workdir).resolve() / 'catalog'}")
     print(f"report:  {html_path.resolve()}")
     print(f"prefect: {where}")

@@ -19,6 +19,7 @@ and content hashes (StepResult), never DataFrames or models. Orchestration polic
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | 
     """One round: the teacher's samples become a weighted, versioned dataset; the student trains on
     it; its results split the pool; the teacher writes the next round's new problems."""
     cfg, log = config, get_run_logger()
+    started = time.monotonic()
 
     sampled = sample_teacher(cfg, round, _progress(cfg, round, "sample"))
     verified = verify_samples(cfg, round, sampled)
@@ -81,7 +83,11 @@ def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | 
         results.append(synthesize_problems(cfg, round, split, _progress(cfg, round, "synthesize")))
 
     for r in results[3:]:
-        metrics.update({k: v for k, v in r.metrics.items() if k != "labels"})
+        metrics.update({k: v for k, v in r.metrics.items() if k not in ("labels", "model_seconds")})
+    # Model work (loading models, generating, the training loop): the rest of the round's wall time
+    # is orchestration, verification, I/O and catalog writes.
+    metrics["model_seconds"] = sum(r.metrics.get("model_seconds", 0.0) for r in results)
+    metrics["wall_seconds"] = time.monotonic() - started
     metrics["steps_computed"] = [r.name for r in results if r.computed]
     metrics["adapter"] = trained.path
     record_round(cfg.workdir, round, metrics)

@@ -14,6 +14,7 @@ model load.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -68,12 +69,15 @@ class ResumableBackend:
         # Counters the flows report (and tests read): how much model work really happened.
         self.generated = 0
         self.reused = 0
+        self.model_seconds = 0.0  # building the model and generating: the "model work" of a step
 
     @property
     def backend(self) -> Backend:
         if self._backend is None:
             log.info("%s: loading model for missing shards", self.step)
+            t0 = time.perf_counter()
             self._backend = self._factory()
+            self.model_seconds += time.perf_counter() - t0
         return self._backend
 
     @property
@@ -114,7 +118,9 @@ class ResumableBackend:
                     if progress:
                         progress(min(base + d, len(requests)), len(requests))
 
+                t0 = time.perf_counter()
                 completions = self.backend.sample(part, params, shard_progress)
+                self.model_seconds += time.perf_counter() - t0
                 parquet_io.write_shard(_to_table(completions), out, index)
                 self.generated += len(completions)
                 done += len(part)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +185,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     return StepResult(
         "sample", out.name, str(out), computed=backend.generated > 0,
         metrics={"pool": len(pool), "samples": len(completions), "generated": backend.generated,
-                 "completion_tokens": tokens},
+                 "completion_tokens": tokens, "model_seconds": backend.model_seconds},
     )
 
 
@@ -325,6 +326,7 @@ def train_student(
     base = model_path(cfg.student.model)
     result = finished_result(out)
     computed = result is None
+    t0 = time.perf_counter()
     if computed:
         with Catalog(cfg.workdir, read_only=True) as cat:
             table = cat.training_set(round)
@@ -343,6 +345,7 @@ def train_student(
             dtype=cfg.student.model.dtype, device=cfg.student.model.device,
             prompt_special_tokens=not templated,
         )
+    model_seconds = time.perf_counter() - t0 if computed else 0.0
     losses = [v for _, v in result.loss_curve]
     return StepResult(
         "train", key, str(result.adapter_dir), computed,
@@ -352,7 +355,7 @@ def train_student(
                  "samples_used": result.samples_used,
                  "samples_zero_weight": result.samples_skipped_zero_weight,
                  "samples_truncated": result.samples_truncated,
-                 "train_seconds": result.train_seconds},
+                 "train_seconds": result.train_seconds, "model_seconds": model_seconds},
     )
 
 
@@ -371,6 +374,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
     )
     out = parquet_io.cached_path(cache_dir(cfg), "evaluate", key[:32])
     computed = not parquet_io.is_complete(out)
+    model_seconds = 0.0
     if computed:
         backend = resumable(cfg, cfg.student.model, "student", cfg.evaluation.batch_size,
                             adapter=trained.path, adapter_key=trained.key)
@@ -379,6 +383,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
                                    verifier=cfg.verifier, seed=cfg.sampling.seed, progress=progress)
         finally:
             backend.close()
+        model_seconds = backend.model_seconds
         rows = [{"round": round, "student_key": key[:32], **{k: r[k] for k in (
             "eval_set", "problem_id", "sample_index", "response", "extracted", "correct")}}
             for r in res.rows]
@@ -392,7 +397,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
     return StepResult(
         "evaluate", key, str(out), computed,
         metrics={"student_accuracy": summary["accuracy"], "student_overall": summary["overall_accuracy"],
-                 "pool_mean_pass_rate": summary["pool_mean_pass_rate"]},
+                 "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "model_seconds": model_seconds},
     )
 
 
@@ -440,6 +445,7 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
     )
     out = parquet_io.cached_path(cache_dir(cfg), "synthesize", key[:32])
     computed = not parquet_io.is_complete(out)
+    model_seconds = 0.0
     if computed:
         backend = resumable(cfg, cfg.teacher, "teacher", cfg.sampling.batch_size)
         try:
@@ -447,6 +453,7 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
                              cfg.sampling, verifier=cfg.verifier, progress=progress)
         finally:
             backend.close()
+        model_seconds = backend.model_seconds
         out.mkdir(parents=True, exist_ok=True)
         table = pa.Table.from_pylist([p.to_row() for p in res.problems]) if res.problems else None
         if table is not None:
@@ -460,5 +467,6 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
     return StepResult(
         "synthesize", key, str(out), computed,
         metrics={"synth_generated": counts["generated"], "synth_kept": counts["kept"],
-                 "synth_dropped": counts["dropped"], "synth_added": added},
+                 "synth_dropped": counts["dropped"], "synth_added": added,
+                 "model_seconds": model_seconds},
     )
