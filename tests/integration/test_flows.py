@@ -223,10 +223,17 @@ def _kill_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 
 def _cli_run(config: Path, env: dict) -> subprocess.Popen:
+    # Own process group: the kill takes the run and its ephemeral Prefect server down together,
+    # as when a node dies, and leaves no server behind.
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _wait_for(predicate, proc, timeout=600):
@@ -260,15 +267,13 @@ def test_sigkill_mid_sampling_and_mid_training_then_rerun_equals_uninterrupted(m
 
     proc = _cli_run(cfg, env)
     assert _wait_for(lambda: len(teacher_parts()) >= 1, proc), "sampling never started"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill(proc)
     manifests = list((workdir / "cache" / "teacher").glob("*/_manifest.json"))
     assert not manifests, "killed too late: sampling had already finished"
 
     proc = _cli_run(cfg, env)
     assert _wait_for(lambda: len(checkpoints()) >= 1, proc), "training never checkpointed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill(proc)
     assert not list((workdir / "adapters").glob("round-0/*/metrics.json")), "killed too late: training finished"
 
     proc = _cli_run(cfg, env)
