@@ -40,8 +40,10 @@ class ColumnMap(_Section):
 class SourceConfig(_Section):
     """One place problems come from. Several sources are concatenated into the seed pool."""
 
-    kind: Literal["jsonl", "parquet", "csv", "hf", "gsm_symbolic", "champ"] = Field(
-        ..., description="Loader: local jsonl/parquet/csv, a Hugging Face dataset, or a packaged set."
+    kind: Literal["jsonl", "parquet", "csv", "hf", "gsm_symbolic", "champ", "arithmetic"] = Field(
+        ...,
+        description="Loader: local jsonl/parquet/csv, a Hugging Face dataset, a packaged set, or "
+        "arithmetic (built-in seeded one/two-step word problems, for small teachers).",
     )
     name: str | None = Field(
         None,
@@ -60,7 +62,7 @@ class SourceConfig(_Section):
     split: Literal["train", "eval"] = Field(
         "train",
         description="Role of this source's problems: 'train' joins the pool, 'eval' is held out. "
-        "Ignored by gsm_symbolic, which splits by template.",
+        "Ignored by gsm_symbolic and arithmetic, which split by template.",
     )
     limit: int | None = Field(
         None, ge=1, description="Keep at most this many problems (after the seeded shuffle)."
@@ -69,11 +71,27 @@ class SourceConfig(_Section):
     eval_templates: int = Field(
         20,
         ge=0,
-        description="gsm_symbolic: how many templates are held out for eval. The split is by "
-        "template, never by instance, so eval problems never share a template with training ones.",
+        description="gsm_symbolic / arithmetic: how many templates (arithmetic: story templates, "
+        "16 in all) are held out for eval. The split is by template, never by instance, so eval "
+        "problems never share a template with training ones.",
     )
     instances_per_template: int = Field(
-        1, ge=1, description="gsm_symbolic: fresh instances generated from each template."
+        1, ge=1, description="gsm_symbolic / arithmetic: fresh instances generated from each template."
+    )
+    max_operand: int = Field(
+        10,
+        ge=3,
+        description="arithmetic: largest operand; step operands and factors are drawn from "
+        "2..max_operand, starting amounts from 3..max_operand; subtraction leaves at least 1.",
+    )
+    operations: list[Literal["add", "sub", "mul"]] = Field(
+        default_factory=lambda: ["add", "sub"],
+        min_length=1,
+        description="arithmetic: operations a problem's steps are drawn from; 'mul' is only ever "
+        "the first step ('3 bags with 4 apples in each').",
+    )
+    steps: int = Field(
+        1, ge=1, le=3, description="arithmetic: operations per problem (1 = one-step problems)."
     )
     max_answer_chars: int = Field(
         200, ge=1, description="Rows whose reference answer is longer than this are reported and skipped."
@@ -85,6 +103,8 @@ class SourceConfig(_Section):
             raise ValueError(f"kind={self.kind} needs `path`")
         if self.kind == "hf" and not (self.path or self.dataset):
             raise ValueError("kind=hf needs `dataset` (hub id) or `path` (saved dataset)")
+        if self.kind == "arithmetic" and self.steps > 1 and set(self.operations) == {"mul"}:
+            raise ValueError("kind=arithmetic: 'mul' is only a first step; add 'add' or 'sub' for steps > 1")
         return self
 
 
