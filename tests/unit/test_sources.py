@@ -3,6 +3,7 @@
 import csv
 import json
 import logging
+import re
 import typing
 
 import pytest
@@ -10,9 +11,11 @@ import pytest
 from tasks.config import ColumnMap, SourceConfig
 from tasks.problems import problem_id
 from tasks.sources import (
+    ARITHMETIC_STORIES,
     LOADERS,
     SkippedRow,
     SourceError,
+    arithmetic_split,
     gsm_symbolic_split,
     load_problems,
     load_source,
@@ -307,3 +310,83 @@ def test_hf_hub_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
     res = load_source(SourceConfig(kind="hf", dataset=str(folder), hf_split="test"))
     assert [p.answer for p in res.problems] == ["7", "2468", "2.5"]
     assert res.problems[0].source == str(folder)
+
+
+# --------------------------------------------------------------------------- arithmetic
+
+
+def arithmetic(**kw):
+    return load_source(SourceConfig(kind="arithmetic", **{"eval_templates": 4, **kw}))
+
+
+def test_arithmetic_split_is_by_story_and_answers_are_integers():
+    res = arithmetic(instances_per_template=3)
+    assert res.skipped == []
+    stories = lambda ps: {json.loads(p.meta)["template_id"] for p in ps}  # noqa: E731
+    train, evals = res.of_split("train"), res.of_split("eval")
+    assert len(stories(evals)) == 4 and len(stories(train)) == len(ARITHMETIC_STORIES) - 4
+    assert stories(train).isdisjoint(stories(evals))
+    assert len(res.problems) == 3 * len(ARITHMETIC_STORIES)
+    assert all(re.fullmatch(r"[1-9]\d*", p.answer) for p in res.problems)
+    assert {p.source for p in res.problems} == {"arithmetic"}
+    assert all(p.question.endswith("?") for p in res.problems)
+    # The same story order as gsm_symbolic's split function, on story ids.
+    assert arithmetic_split(0, 4) == gsm_symbolic_split([s.id for s in ARITHMETIC_STORIES], 0, 4)
+
+
+@pytest.mark.parametrize(
+    "difficulty",
+    [
+        {"steps": 1, "operations": ["add", "sub"], "max_operand": 10},
+        {"steps": 2, "operations": ["add", "sub"], "max_operand": 20},
+        {"steps": 2, "operations": ["add", "sub", "mul"], "max_operand": 6},
+        {"steps": 1, "operations": ["mul"], "max_operand": 5},
+        {"steps": 3, "operations": ["sub"], "max_operand": 3},
+    ],
+)
+def test_arithmetic_answers_follow_the_operands(difficulty):
+    res = arithmetic(instances_per_template=4, **difficulty)
+    top = difficulty["max_operand"]
+    for p in res.problems:
+        meta = json.loads(p.meta)
+        ops, operands = meta["operations"], meta["operands"]
+        assert len(ops) == difficulty["steps"]
+        assert set(ops) <= set(difficulty["operations"]) | {"add"}  # 'sub' with too little left adds
+        assert "mul" not in ops[1:], "mul is only ever the first step"
+        value = operands[0] * operands[1] if ops[0] == "mul" else operands[0]
+        for op, b in zip(ops[1:] if ops[0] == "mul" else ops, operands[2:] if ops[0] == "mul" else operands[1:]):
+            value = value + b if op == "add" else value - b
+        assert int(p.answer) == value >= 1
+        assert all(2 <= x <= top for x in operands), (p.question, operands)
+        for n in operands:  # every operand is written in the question
+            assert re.search(rf"\b{n}\b", p.question)
+
+
+def test_arithmetic_is_seeded_and_difficulty_changes_the_draws():
+    first, second = arithmetic(seed=3), arithmetic(seed=3)
+    assert [(p.id, p.question) for p in first.problems] == [(p.id, p.question) for p in second.problems]
+    assert [p.id for p in arithmetic(seed=4).problems] != [p.id for p in first.problems]
+    assert [p.id for p in arithmetic(seed=3, max_operand=20).problems] != [p.id for p in first.problems]
+    # One more instance per story keeps the earlier instances (each story has its own generator).
+    grown = arithmetic(seed=3, instances_per_template=2)
+    assert {p.id for p in first.problems} <= {p.id for p in grown.problems}
+
+
+def test_arithmetic_tiny_range_reports_missing_instances(caplog):
+    # max_operand=3, one add step: start 3, operand 2 or 3 -> only a few distinct questions per
+    # item/name, so asking for many instances gives fewer, with a warning, never a hang.
+    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+        res = arithmetic(max_operand=3, operations=["add"], instances_per_template=500)
+    assert 0 < len(res.problems) < 500 * len(ARITHMETIC_STORIES)
+    assert "distinct instances" in caplog.text
+
+
+def test_arithmetic_config_rejects_mul_only_multistep():
+    from tasks.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="mul"):
+        parse_config({
+            "problems": [{"kind": "arithmetic", "operations": ["mul"], "steps": 2}],
+            "teacher": {"name_or_path": "t"}, "student": {"model": {"name_or_path": "s"}},
+        })
+    SourceConfig(kind="arithmetic", operations=["mul"], steps=1)  # one step of mul is fine
