@@ -37,7 +37,8 @@ test-integration: $(STAMP)
 # The demo: SmolLM2-135M-Instruct as teacher and student base, 2 rounds on CPU.
 demo: $(STAMP)
 	$(VENV)/bin/stillhouse models prepare smollm2-135m-instruct --out $(MODELS_DIR)/smollm2-135m-instruct
-	$(VENV)/bin/stillhouse run configs/demo.yaml
+	# One torch thread: on 2 shared cores, 2 threads made generation 3-4x slower (see README).
+	OMP_NUM_THREADS=1 $(VENV)/bin/stillhouse run configs/demo.yaml
 
 # Tiny models, a few problems: checks the whole pipeline in a couple of minutes.
 smoke: $(STAMP)
