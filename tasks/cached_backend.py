@@ -118,8 +118,9 @@ class ResumableBackend:
                     if progress:
                         progress(min(base + d, len(requests)), len(requests))
 
+                backend = self.backend  # builds the model on first use; timed by the property
                 t0 = time.perf_counter()
-                completions = self.backend.sample(part, params, shard_progress)
+                completions = backend.sample(part, params, shard_progress)
                 self.model_seconds += time.perf_counter() - t0
                 parquet_io.write_shard(_to_table(completions), out, index)
                 self.generated += len(completions)

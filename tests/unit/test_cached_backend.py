@@ -81,3 +81,26 @@ def test_results_follow_request_order(tmp_path):
     rb = ResumableBackend(Scripted, tmp_path, step="s", model_key="m", shard_size=4)
     out = rb.sample(list(reversed(reqs)), SamplingParams())
     assert [(c.key, c.sample_index) for c in out] == [(r.key, r.sample_index) for r in reversed(reqs)]
+
+
+def test_model_seconds_counts_model_load_once(tmp_path, monkeypatch):
+    # A fake clock that only the model moves: loading takes 10 "seconds", each generate call 1.
+    # The load happens inside the first shard's generate; counting it there too would report
+    # model work that never happened (it did: the smoke run showed more model time than wall time).
+    import tasks.cached_backend as cb
+
+    clock = [0.0]
+    monkeypatch.setattr(cb.time, "perf_counter", lambda: clock[0])
+
+    class Timed(Scripted):
+        def sample(self, requests, params, progress=None):
+            clock[0] += 1
+            return super().sample(requests, params, progress)
+
+    def load():
+        clock[0] += 10
+        return Timed()
+
+    rb = ResumableBackend(load, tmp_path, step="s", model_key="m", shard_size=3)
+    rb.sample(_requests(), SamplingParams())  # 10 requests -> 4 shards
+    assert rb.model_seconds == 10 + 4
