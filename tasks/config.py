@@ -117,7 +117,7 @@ class ModelConfig(_Section):
     name_or_path: str = Field(
         ...,
         description="Hub id (e.g. 'Qwen/Qwen2.5-7B-Instruct'), a local HF folder, or a prepared name "
-        "such as 'smollm2-135m-instruct' or 'tiny-llama'.",
+        "such as 'smollm2-135m-instruct', 'tiny-tutor' or 'tiny-llama' (built on first use).",
     )
     backend: Literal["hf", "vllm", "openai"] = Field(
         "hf",
@@ -144,6 +144,24 @@ class ModelConfig(_Section):
         "(the key itself is never stored in the config, catalog or logs).",
     )
     max_concurrency: int = Field(32, ge=1, description="openai backend: requests in flight.")
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="openai backend: seconds one HTTP attempt may take (the whole "
+        "generation, replies are not streamed) before it counts as failed and is retried."
+    )
+    max_retries: int = Field(
+        6, ge=0, description="openai backend: retries per call on 429/408/409/5xx, timeouts and "
+        "connection errors, then the step fails (received responses stay in the journal)."
+    )
+    retry_backoff_s: float = Field(
+        1.0, gt=0, description="openai backend: first wait before a retry; doubles per retry, capped "
+        "at 60 s, jittered. A server's Retry-After header replaces it."
+    )
+    use_n: bool = Field(
+        False,
+        description="openai backend: send a problem's samples as one call with n=k (prompt billed "
+        "once) instead of one call per sample with its own seed (default: exact per-sample seeds, "
+        "reproducible resume, exact per-sample usage).",
+    )
     # vLLM engine.
     vllm_python: str | None = Field(
         None, description="vllm backend: Python interpreter of the vLLM environment (.venv-vllm)."
