@@ -102,6 +102,43 @@ def _tiny_corpus(seed: int, n: int = 600) -> list[str]:
     return lines
 
 
+def train_chat_tokenizer(texts: list[str], vocab_size: int, max_length: int, *, split_digits: bool = False):
+    """A byte-level BPE tokenizer trained on `texts`, with the tiny models' special tokens
+    (bos <s>, eos <|im_end|>, pad <pad>) and ChatML chat template, as a transformers tokenizer.
+
+    split_digits: digit runs become pre-tokens of their own (tiny-tutor wants "17" to be one token
+    wherever it stands, see tasks.tiny_tutor).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = (
+        pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=False), byte_level])
+        if split_digits else byte_level
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(TINY_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        additional_special_tokens=["</s>", "<|im_start|>"],
+        model_max_length=max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    hf_tok.chat_template = TINY_CHAT_TEMPLATE
+    return hf_tok
+
+
 def build_tiny_model(
     out_dir: str | Path,
     *,
@@ -132,29 +169,9 @@ def build_tiny_model(
         return out_dir
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_tiny_corpus(seed), trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        additional_special_tokens=["</s>", "<|im_start|>"],
-        model_max_length=max_position_embeddings,
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = TINY_CHAT_TEMPLATE
+    hf_tok = train_chat_tokenizer(list(_tiny_corpus(seed)), vocab_size, max_position_embeddings)
 
     ids = {t: hf_tok.convert_tokens_to_ids(t) for t in TINY_SPECIAL_TOKENS}
     config = LlamaConfig(

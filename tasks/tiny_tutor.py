@@ -320,35 +320,10 @@ def _train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     text, so a small number is one token wherever it stands ("has 17", "= 17", "{17}"): copying it
     from the question is one attention step. Larger numbers split into pieces.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tasks.models import train_chat_tokenizer
 
-    from tasks.models import TINY_CHAT_TEMPLATE, TINY_SPECIAL_TOKENS
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-    ])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts + [" ".join(str(i) for i in range(NUMBER_TOKENS))] * 50, trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="<|im_end|>",
-        pad_token="<pad>",
-        additional_special_tokens=["</s>", "<|im_start|>"],
-        model_max_length=max_length,
-        clean_up_tokenization_spaces=False,
-    )
-    hf_tok.chat_template = TINY_CHAT_TEMPLATE
-    return hf_tok
+    numbers = " ".join(str(i) for i in range(NUMBER_TOKENS))
+    return train_chat_tokenizer(texts + [numbers] * 50, vocab_size, max_length, split_digits=True)
 
 
 def _fourier_number_embeddings(model, tok) -> None:
