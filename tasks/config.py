@@ -253,6 +253,11 @@ class TrainingConfig(_Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the round's dataset.")
     batch_size: int = Field(8, ge=1, description="Samples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute each layer's activations in the backward pass instead of keeping "
+        "them: peak memory falls several-fold for ~30% more compute (bench/training_memory.py).",
+    )
     max_length: int = Field(1024, ge=16, description="Tokens per sample; longer ones are truncated and counted.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")

@@ -574,6 +574,14 @@ def train_lora(
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
             model = _wrap_lora(_load_base(base_model_path, torch_dtype, dev), lora, init_adapter)
+            if cfg.gradient_checkpointing:
+                # Non-reentrant checkpointing: gradients reach the LoRA weights even though the
+                # frozen embeddings' outputs do not require grad (the reentrant kind needs a hook).
+                base = model.get_base_model()
+                if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+                    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             params = [p for p in model.parameters() if p.requires_grad]
             if not params:
                 raise RuntimeError("the LoRA model has no trainable parameters")

@@ -333,3 +333,29 @@ def test_bfloat16_path_trains_fp32_adapter(tiny_model_dir, tok, tmp_path):
     assert any(torch.count_nonzero(v) > 0 for k, v in adapter.items() if "lora_B" in k)
     with pytest.raises(ValueError, match="float16"):
         train_lora(tiny_model_dir, _examples(tok), tmp_path / "fp16", _cfg(), _lora(), dtype="float16", device="cpu")
+
+
+def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_model_dir, tok, tmp_path, monkeypatch):
+    from transformers.models.llama import modeling_llama
+
+    calls = {"n": 0}
+    # Count the MLP inside each layer: the layer class's own forward carries the checkpointing
+    # wrapper, so it must not be patched.
+    real_forward = modeling_llama.LlamaMLP.forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls["n"] += 1
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", counting_forward)
+    ex = _examples(tok, [1.0, -0.5, 1.0, 2.0, 1.0])
+    plain = train_lora(tiny_model_dir, ex, tmp_path / "plain", _cfg(), _lora())
+    plain_calls, calls["n"] = calls["n"], 0
+    ckpt = train_lora(tiny_model_dir, ex, tmp_path / "ckpt", _cfg(gradient_checkpointing=True), _lora())
+    # Each layer runs again in the backward pass: that is where the memory goes.
+    assert calls["n"] == 2 * plain_calls > 0
+    assert [s for s, _ in ckpt.loss_curve] == [s for s, _ in plain.loss_curve]
+    assert torch.allclose(torch.tensor([v for _, v in ckpt.loss_curve]),
+                          torch.tensor([v for _, v in plain.loss_curve]), atol=1e-5)
+    a, b = _adapter_tensors(tmp_path / "plain" / "adapter"), _adapter_tensors(tmp_path / "ckpt" / "adapter")
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
