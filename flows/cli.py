@@ -150,6 +150,177 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd, env=os.environ.copy())
 
 
+class _LocalServer:
+    """A `prefect server start` child on 127.0.0.1 for `stillhouse serve` when no PREFECT_API_URL is
+    set: schedules need the server's scheduler service, which Prefect's ephemeral mode does not run.
+    It shares $PREFECT_HOME's database with ephemeral runs, so `stillhouse ui` shows its runs too."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/api"
+        self.proc = None
+
+    def _healthy(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def start(self, timeout: float = 180.0) -> _LocalServer:
+        import os
+        import subprocess
+        import time
+
+        if self._healthy():
+            # Someone's server (e.g. `stillhouse ui`) already listens there: use it, leave it running.
+            log.info("using the Prefect server already running at %s", self.url)
+            return self
+        # Not through prefect.settings: importing Prefect here would fix its settings before the
+        # caller has set PREFECT_API_URL to this server.
+        home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+        log_path = home / "stillhouse-serve-server.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        with open(log_path, "ab") as out:
+            # Its own session: a terminal's Ctrl-C or a kill of our process group reaches us, and we
+            # stop the server after the runner, not before it.
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=os.environ.copy(), start_new_session=True)
+        print(f"prefect server: pid {self.proc.pid} at {self.url} (log {log_path})", flush=True)
+        deadline = time.monotonic() + timeout
+        while not self._healthy():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise ChildProcessError(f"the Prefect server did not start on port {self.port}; see {log_path}")
+            time.sleep(0.5)
+        return self
+
+    def stop(self) -> None:
+        import os
+        import signal
+        import subprocess
+
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                self.proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import signal
+
+    from tasks.config import load_config
+
+    # SIGTERM (systemd, docker stop, kill) ends the command like Ctrl-C: through `finally`, so a
+    # server we started does not outlive us. Prefect's runner installs its own SIGTERM handler
+    # once it starts, which stops the runner and exits the same way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    config = Path(args.config).resolve()
+    overrides = {k: v for k, v in {"workdir": args.workdir, "rounds": args.rounds}.items() if v is not None}
+    cfg = load_config(config, **overrides)  # a bad config fails here, not at the first tick
+    # Runs start in processes of their own: pin the run directory to where it is from here.
+    overrides["workdir"] = str(Path(cfg.workdir).resolve())
+    _prefect_env()
+    server = None if os.environ.get("PREFECT_API_URL") else _LocalServer(args.port)
+    if server is not None:
+        # Before Prefect is imported: its settings are read from the environment once, and without
+        # an API URL the runner would fall back to an ephemeral server, which never schedules.
+        os.environ["PREFECT_API_URL"] = server.url
+    try:
+        if server is not None:
+            server.start()
+        from prefect import serve
+        from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+        from prefect.deployments.runner import EntrypointType
+
+        from flows.scheduled import scheduled_distill
+
+        strategy = ConcurrencyLimitStrategy(args.collision_strategy.upper().replace("-", "_"))
+        name = args.name or cfg.run_name
+        deployment = scheduled_distill.to_deployment(
+            name=name,
+            cron=args.cron,
+            parameters={
+                "config": str(config),
+                "overrides": overrides,
+                "mode": args.mode,
+                "rounds_per_run": args.rounds_per_run,
+                "date_format": args.date_format,
+            },
+            # One tick at a time, as for deployments on a work pool (deployment/prefect.yaml).
+            concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=strategy),
+            # The package is installed: import the flow by module, whatever the runner's cwd.
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        )
+        print(f"serving {config} as {scheduled_distill.name}/{name}: cron {args.cron!r}, mode {args.mode}, "
+              f"workdir {overrides['workdir']}, overlapping ticks: {strategy.value}", flush=True)
+        # serve(deployment) rather than flow.serve(): given the flow object, Prefect's runner ships
+        # it to a spawned process pickled by value, where flows with postponed annotations
+        # (flows/distill.py) fail parameter validation ("RunConfig" not defined). Given only the
+        # deployment, it starts each run as `python -m prefect.engine`, importing the flow by its
+        # entrypoint like a work pool's worker does.
+        serve(deployment, pause_on_shutdown=True, print_starting_message=False)
+    except SystemExit as stop:
+        # SIGTERM: the runner's handler (or ours, before the runner started) exits this way.
+        if stop.code not in (0, None):
+            raise
+    finally:
+        if server is not None:
+            server.stop()
+    print("stillhouse serve: stopped", flush=True)
+    return 0
+
+
+def _cmd_gpu_limit(args: argparse.Namespace) -> int:
+    import os
+
+    _prefect_env()
+    slots = args.slots
+    if slots is None:
+        raw = os.environ.get("STILLHOUSE_GPU_SLOTS", "1")
+        try:
+            slots = int(raw)
+        except ValueError:
+            raise ValueError(f"STILLHOUSE_GPU_SLOTS must be a whole number of GPUs, got {raw!r}") from None
+    if slots < 1 and not args.remove:
+        # 0 slots would leave every GPU step waiting forever.
+        raise ValueError(f"--slots must be at least 1 (got {slots}); use --remove to drop the limit")
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    where = os.environ.get("PREFECT_API_URL") or "the ephemeral server's database ($PREFECT_HOME)"
+    try:
+        with get_client(sync_client=True) as client:
+            if args.remove:
+                try:
+                    client.delete_concurrency_limit_by_tag(args.tag)
+                except ObjectNotFound:
+                    pass
+                print(f"tag concurrency limit {args.tag!r}: removed on {where}")
+                return 0
+            # Creating an existing tag's limit updates it (the server upserts), so this is idempotent.
+            client.create_concurrency_limit(tag=args.tag, concurrency_limit=slots)
+            limit = client.read_concurrency_limit_by_tag(args.tag)
+    except httpx.HTTPError as err:
+        print(f"stillhouse: error: cannot reach the Prefect API at {where}: {err}", file=sys.stderr)
+        return 2
+    print(f"tag concurrency limit {args.tag!r}: {limit.concurrency_limit} slot(s) on {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillhouse",
@@ -187,6 +358,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ui", help="Start the Prefect server and UI on 127.0.0.1.")
     p.add_argument("--port", type=int, default=4200)
     p.set_defaults(func=_cmd_ui)
+
+    p = sub.add_parser(
+        "serve",
+        help="Run a config on a cron schedule from this process (no work pool; Ctrl-C or SIGTERM stops it).",
+    )
+    p.add_argument("config", help="Run config YAML (see configs/).")
+    p.add_argument("--cron", required=True, help='Cron schedule, e.g. "0 2 * * *" (UTC).')
+    p.add_argument("--mode", choices=["continue", "dated"], default="continue",
+                   help="continue: every tick works on the same run; dated: every tick starts "
+                        "<workdir>-<date> (default continue).")
+    p.add_argument("--rounds-per-run", type=int, default=None,
+                   help="Rounds one tick adds at most (default: all that are missing).")
+    p.add_argument("--date-format", default="%Y-%m-%d", help="Date suffix of dated runs (strftime, UTC).")
+    p.add_argument("--collision-strategy", choices=["enqueue", "cancel-new"], default="enqueue",
+                   help="A tick that fires while the last one runs: wait for it, or be cancelled.")
+    p.add_argument("--workdir", default=None, help="Run directory (overrides the config's).")
+    p.add_argument("--rounds", type=int, default=None, help="Total rounds (overrides the config's).")
+    p.add_argument("--name", default=None, help="Deployment name (default: the config's run_name).")
+    p.add_argument("--port", type=int, default=4200,
+                   help="Without PREFECT_API_URL: port of the local Prefect server to use or start.")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "gpu-limit",
+        help="Create or update the concurrency limit on the `gpu` task tag (GPU steps per server).",
+    )
+    p.add_argument("--slots", type=int, default=None,
+                   help="GPU steps that may run at once across all runs (default: $STILLHOUSE_GPU_SLOTS or 1).")
+    p.add_argument("--tag", default="gpu", help="Task tag to limit (default gpu, the tag of GPU steps).")
+    p.add_argument("--remove", action="store_true", help="Delete the limit instead.")
+    p.set_defaults(func=_cmd_gpu_limit)
 
     p = sub.add_parser("verify", help="Score existing generations (JSONL with reference, response).")
     p.add_argument("input", help="Input JSONL: one object per line with `reference` and `response`.")

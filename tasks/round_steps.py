@@ -86,12 +86,56 @@ def _not_built(backend: str) -> Callable[..., Backend]:
     return factory
 
 
+def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Backend:
+    from tasks.openai_backend import OpenAIBackend, default_journal_dir
+
+    if adapter is not None:
+        # A served model cannot take a local LoRA folder; the server has to load it itself.
+        raise ValueError(
+            "backend openai cannot apply a local LoRA adapter; serve it (vllm serve --lora-modules) "
+            "or use backend hf/vllm for the student"
+        )
+    if not model.base_url:
+        raise ValueError(f"backend openai needs base_url for model {model.name_or_path!r}")
+    return OpenAIBackend.from_config(model, journal_dir=default_journal_dir())
+
+
+def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Backend:
+    from tasks.vllm_backend import VLLMBackend, default_work_dir
+
+    # batch_size is the hf backend's knob: vLLM schedules its own batches. The call's requests
+    # arrive in ResumableBackend shards of batch_size * 4, each one generate pass over the engines.
+    return VLLMBackend(
+        model_path(model),
+        work_dir=default_work_dir(),
+        vllm_python=model.vllm_python,
+        python_field="student.model.vllm_python" if adapter else "teacher.vllm_python",
+        dtype=model.dtype,
+        chat_template=model.chat_template,
+        revision=model.revision,
+        adapter_path=adapter,
+        tensor_parallel_size=model.tensor_parallel_size,
+        data_parallel_size=model.data_parallel_size,
+        gpu_memory_utilization=model.gpu_memory_utilization,
+        max_model_len=model.max_model_len,
+        enable_prefix_caching=model.enable_prefix_caching,
+        engine_args=model.vllm_engine_args,
+        # ResumableBackend keeps the results in the run's cache; the shard files are only needed
+        # until a call has returned (the factory gets no run config, hence the shared work dir).
+        cleanup=True,
+    )
+
+
 # A name selects the function that builds a backend; vllm and openai plug in here.
 BACKENDS: dict[str, Callable[[ModelConfig, int, str | None], Backend]] = {
     "hf": _hf_backend,
-    "vllm": _not_built("vllm"),
-    "openai": _not_built("openai"),
+    "vllm": _vllm_backend,
+    "openai": _openai_backend,
 }
+
+
+# How requests travel, not what they produce: changing these never invalidates cached generations.
+TRANSPORT_FIELDS = {"max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s", "api_key_env"}
 
 
 def resumable(
@@ -101,7 +145,7 @@ def resumable(
     """The model behind a disk cache; built only if some generation is actually missing."""
     factory = BACKENDS[model.backend]
     model_key = {
-        "model": model.model_dump(mode="json", exclude={"max_concurrency"}),
+        "model": model.model_dump(mode="json", exclude=TRANSPORT_FIELDS),
         "adapter": adapter_key,
     }
     return ResumableBackend(
