@@ -173,25 +173,29 @@ def test_deployment_ticks_continue_the_run_one_at_a_time(server, tmp_path):
     assert rounds == {0: "committed", 1: "committed"}
     assert sorted(p.name for p in (workdir / "rounds").glob("round-*.json")) == ["round-0.json", "round-1.json"]
 
-    # CANCEL_NEW, chosen at deploy time: of two ticks due at once, the one that finds the slot taken
-    # is cancelled, and the other (the run is finished) does nothing.
+    # CANCEL_NEW, chosen at deploy time. The config's rounds raised to 3 for two more ticks: the
+    # first adds round 2; the second, triggered while the first works on it, is cancelled.
     procs.run(*PREFECT, "deploy", "--prefect-file", str(PREFECT_FILE), "--name", "gsm8k-nightly",
               "--params", json.dumps(params), "--concurrency-limit", "1", "--collision-strategy", "CANCEL_NEW")
-    from prefect.states import Scheduled
-
+    three = {"overrides": {"workdir": str(workdir), "rounds": 3}}
     with server.client() as client:
-        due = datetime.now(UTC) + timedelta(seconds=4)
-        pair = [client.create_flow_run_from_deployment(deployment.id, state=Scheduled(scheduled_time=due)).id
-                for _ in range(2)]
+        assert client.read_deployment(deployment.id).concurrency_options.collision_strategy.value == "CANCEL_NEW"
+        third = client.create_flow_run_from_deployment(deployment.id, parameters=three).id
+        _wait(lambda: _first_task_start(client, third), 300, "the third run's first task", procs)
+        fourth = client.create_flow_run_from_deployment(deployment.id, parameters=three).id
 
         def pair_final():
-            got = [client.read_flow_run(i) for i in pair]
+            got = [client.read_flow_run(i) for i in (third, fourth)]
             return got if all(r.state.is_final() for r in got) else None
 
-        got = _wait(pair_final, 300, "the two simultaneous ticks to end", procs)
-        states = sorted((r.state.type.value, r.state.message or "") for r in got)
-        assert [s for s, _ in states] == ["CANCELLED", "COMPLETED"], states
-        assert "concurrency limit" in states[0][1]
+        third_run, fourth_run = _wait(pair_final, 300, "the third and fourth runs to end", procs)
+        assert third_run.state.is_completed(), third_run.state
+        assert fourth_run.state.is_cancelled(), fourth_run.state
+        assert "concurrency limit" in (fourth_run.state.message or "")
+        # Cancelled before it ever ran.
+        assert "RUNNING" not in {st.type.value for st in client.read_flow_run_states(fourth)}
+    with Catalog(workdir, read_only=True) as cat:
+        assert {r.round: r.status for r in cat.status().rounds} == {r: "committed" for r in range(3)}
 
     rss = group_rss_mib(server.proc.pid)
     print(f"\n[deployment] server startup {server.startup_s:.1f} s; trigger -> flow run started on the worker "
