@@ -255,6 +255,8 @@ class VLLMBackend:
             raise ValueError("shard_size must be >= 1")
         self.python = resolve_vllm_python(vllm_python, python_field)
         self.model_path = resolve_model(str(model_path), models_dir)
+        if Path(self.model_path).is_dir():  # workers run in the repository root, not our cwd
+            self.model_path = str(Path(self.model_path).absolute())
         self.adapter_path = None if adapter_path is None else str(Path(adapter_path).absolute())
         if self.adapter_path is not None and not (Path(self.adapter_path) / "adapter_config.json").is_file():
             raise FileNotFoundError(f"adapter_path {self.adapter_path!r}: no adapter_config.json")
@@ -578,6 +580,31 @@ class VLLMBackend:
                 + f"\n({done} of {len(missing)} missing shards finished and kept in {self.work_dir}; "
                 "a rerun generates only the rest)"
             )
+
+    def reference_generate(self, requests: list[SampleRequest], params: SamplingParams) -> tuple[float, int]:
+        """Benchmark yardstick (bench/vllm.py): the same worker input rows through plain
+        `LLM.generate` on engine 0, inside its worker. Returns (seconds of the generate call,
+        completion tokens); nothing is written or cached."""
+        prompts = [self.encode(r.messages) for r in requests]
+        path = self.work_dir / f"reference-{uuid.uuid4().hex}.in.parquet"
+        parquet_io.write_parquet_atomic(self.shard_table(prompts, requests, params, self.stops(params)), path)
+        self._ensure_workers([0])
+        worker, job = self._workers[0], uuid.uuid4().hex
+        try:
+            worker.proc.stdin.write(json.dumps({"cmd": "reference", "job": job, "input": str(path)}).encode() + b"\n")
+            worker.proc.stdin.flush()
+            while True:
+                w, event = self._events.get()
+                if event["event"] == "exit" and w is worker:
+                    worker.exited = event["returncode"]
+                    raise VLLMWorkerError(self._error(worker, f"died during the reference run ({worker.exited})"))
+                if event.get("job") != job:
+                    continue
+                if event["event"] == "error":
+                    raise VLLMWorkerError(self._error(worker, f"failed: {event['message']}"))
+                return event["seconds"], event["completion_tokens"]
+        finally:
+            path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ lifecycle
 

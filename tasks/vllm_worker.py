@@ -29,6 +29,7 @@ Output Parquet, one row per completion, written atomically (tmp file + os.replac
 
     {"cmd": "generate", "job": "<id echoed in its events>",
      "shards": [{"input": "a.in.parquet", "output": "a.parquet"}, ...]}
+    {"cmd": "reference", "job": "...", "input": "a.in.parquet"}   (bench: plain LLM.generate)
     {"cmd": "shutdown"}
 
 and answers with JSON lines on its protocol channel (the original stdout): {"event": "ready"} once
@@ -54,6 +55,9 @@ INPUT_COLUMNS = ("prompt_token_ids", "n", "seed", "temperature", "top_p", "max_t
 # vLLM accepts only these LoRA ranks for max_lora_rank (vllm.config.lora.MaxLoRARanks).
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 PROGRESS_EVERY_S = 1.0
+# Tests only: seconds to wait between a job's shards, so that a test can kill a worker at a known
+# point (after its first shard, before its second) instead of racing a fast engine.
+PAUSE_S = float(os.environ.get("STILLHOUSE_VLLM_WORKER_PAUSE_S") or 0)
 
 
 class JobError(Exception):
@@ -318,6 +322,24 @@ def serve(spec: dict, channel: Channel, parent: int) -> int:
         if cmd == "shutdown":
             channel.send(event="bye")
             return 0
+        if cmd == "reference":
+            # bench/vllm.py's yardstick: the same input rows through plain LLM.generate on this
+            # very engine (no shard bookkeeping, no output file), timed around the call only.
+            try:
+                rows = read_rows(msg["input"])
+            except JobError as err:
+                channel.send(event="error", job=msg.get("job"), message=str(err), fatal=False)
+                continue
+            from vllm.inputs import TokensPrompt
+
+            prompts = [TokensPrompt(prompt_token_ids=list(r["prompt_token_ids"])) for r in rows]
+            params = [sampling_params(r) for r in rows]
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+            seconds = time.perf_counter() - t
+            channel.send(event="reference_done", job=msg.get("job"), seconds=seconds,
+                         completion_tokens=sum(len(c.token_ids) for o in outs for c in o.outputs))
+            continue
         if cmd != "generate":
             channel.send(event="error", message=f"unknown cmd {cmd!r}", fatal=False)
             continue
@@ -325,7 +347,9 @@ def serve(spec: dict, channel: Channel, parent: int) -> int:
         t_job = time.monotonic()
         tokens = 0
         try:
-            for shard in msg["shards"]:
+            for k, shard in enumerate(msg["shards"]):
+                if k and PAUSE_S:
+                    time.sleep(PAUSE_S)
                 t_read = time.monotonic()
                 rows = read_rows(shard["input"])
 

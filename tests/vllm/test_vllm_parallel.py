@@ -78,8 +78,10 @@ def dp_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def dp(vllm_model_dir, vllm_python, vllm_cpu_engine, dp_dir):
+    # Each worker waits 2 s between its shards (a test knob of the worker): the kill test can then
+    # stop a worker after its first shard and before its second, on any machine load.
     b = VLLMBackend(vllm_model_dir, work_dir=dp_dir, vllm_python=str(vllm_python), data_parallel_size=2,
-                    shard_size=2, **vllm_cpu_engine)
+                    shard_size=2, env={"STILLHOUSE_VLLM_WORKER_PAUSE_S": "2"}, **vllm_cpu_engine)
     yield b
     b.close()
 
@@ -111,24 +113,28 @@ def test_killed_worker_keeps_finished_shards_and_rerun_makes_the_rest(single, dp
     victim = dp.workers[1]
     killed = []
 
-    def kill_on_first_progress(done: int, total: int) -> None:
-        if done and not killed:
+    # Shards of 2 requests, dealt round-robin: worker 0 gets shards 0, 2, 4 and worker 1 gets
+    # 1, 3, 5. Both write their first shard, then pause 2 s; two shards reported written = both
+    # first shards are on disk (stats are updated before progress is called), and that is when
+    # worker 1 dies.
+    def kill_after_first_shards(done: int, total: int) -> None:
+        if dp.stats.generated_shards >= 2 and not killed:
             os.kill(victim.pid, signal.SIGKILL)
             killed.append(done)
 
     with pytest.raises(VLLMWorkerError) as err:
-        dp.sample(reqs, T1, progress=kill_on_first_progress)
+        dp.sample(reqs, T1, progress=kill_after_first_shards)
     msg = str(err.value)
     assert "vllm worker 1" in msg and "died during the job (exit code -9)" in msg and "stderr tail" in msg
-    # Worker 0 finished all three of its shards; worker 1 was killed before finishing all of its.
+    # Kept: the killed worker's finished shard and all three of the surviving worker's.
     kept = shard_files(dp_dir) - before
-    assert 3 <= len(kept) < 6 and dp.stats.generated_shards == len(kept)
-    assert f"{len(kept)} of 6 missing shards finished and kept" in msg
+    assert len(kept) == 4 and dp.stats.generated_shards == 4
+    assert "4 of 6 missing shards finished and kept" in msg
     # The killed worker's engine process went with it (its process group is empty).
     assert group_gone(victim.pid)
 
-    out = dp.sample(reqs, T1)  # restarts worker 1, generates only the missing shards
-    assert dp.stats.reused_shards == len(kept) and dp.stats.generated_shards == 6 - len(kept)
+    out = dp.sample(reqs, T1)  # restarts worker 1, generates only the two missing shards
+    assert dp.stats.reused_shards == 4 and dp.stats.generated_shards == 2
     assert dp.workers[1].pid != victim.pid
     assert [outcome(c) for c in out] == [outcome(c) for c in single.sample(reqs, T1)]
 
