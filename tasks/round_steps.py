@@ -63,7 +63,7 @@ def model_path(model: ModelConfig) -> str:
     return resolve_model(model.name_or_path, models_dir())
 
 
-def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Backend:
+def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
     from tasks.hf_backend import HFBackend
 
     return HFBackend(
@@ -77,17 +77,8 @@ def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Bac
     )
 
 
-def _not_built(backend: str) -> Callable[..., Backend]:
-    def factory(*_: Any) -> Backend:
-        raise NotImplementedError(
-            f"backend {backend!r} is not available in this build yet; use backend: hf"
-        )
-
-    return factory
-
-
-def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Backend:
-    from tasks.openai_backend import OpenAIBackend, default_journal_dir
+def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
+    from tasks.openai_backend import OpenAIBackend
 
     if adapter is not None:
         # A served model cannot take a local LoRA folder; the server has to load it itself.
@@ -97,17 +88,19 @@ def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None) ->
         )
     if not model.base_url:
         raise ValueError(f"backend openai needs base_url for model {model.name_or_path!r}")
-    return OpenAIBackend.from_config(model, journal_dir=default_journal_dir())
+    # The journal lives in the run's cache: responses received before a crash are reused by the
+    # rerun and travel with the workdir.
+    return OpenAIBackend.from_config(model, journal_dir=work_dir / "journal")
 
 
-def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> Backend:
-    from tasks.vllm_backend import VLLMBackend, default_work_dir
+def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
+    from tasks.vllm_backend import VLLMBackend
 
     # batch_size is the hf backend's knob: vLLM schedules its own batches. The call's requests
-    # arrive in ResumableBackend shards of batch_size * 4, each one generate pass over the engines.
+    # arrive in ResumableBackend shards (see shard_size), each one generate pass over the engines.
     return VLLMBackend(
         model_path(model),
-        work_dir=default_work_dir(),
+        work_dir=work_dir,
         vllm_python=model.vllm_python,
         python_field="student.model.vllm_python" if adapter else "teacher.vllm_python",
         dtype=model.dtype,
@@ -120,22 +113,42 @@ def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None) -> B
         max_model_len=model.max_model_len,
         enable_prefix_caching=model.enable_prefix_caching,
         engine_args=model.vllm_engine_args,
-        # ResumableBackend keeps the results in the run's cache; the shard files are only needed
-        # until a call has returned (the factory gets no run config, hence the shared work dir).
+        # ResumableBackend keeps the results in the run's cache; the engines' shard files are only
+        # needed until a call has returned (a killed call's finished shards stay for the rerun).
         cleanup=True,
     )
 
 
 # A name selects the function that builds a backend; vllm and openai plug in here.
-BACKENDS: dict[str, Callable[[ModelConfig, int, str | None], Backend]] = {
+# Each gets (model, batch size, adapter folder or None, a work folder inside the run's cache).
+BACKENDS: dict[str, Callable[[ModelConfig, int, str | None, Path], Backend]] = {
     "hf": _hf_backend,
     "vllm": _vllm_backend,
     "openai": _openai_backend,
 }
 
 
-# How requests travel, not what they produce: changing these never invalidates cached generations.
-TRANSPORT_FIELDS = {"max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s", "api_key_env"}
+# How requests travel or where they run, not what they produce: changing these never invalidates
+# cached generations (vLLM's data-parallel engines each get whole requests with their own seeds).
+TRANSPORT_FIELDS = {
+    "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s", "api_key_env",
+    "vllm_python", "data_parallel_size", "gpu_memory_utilization",
+}
+
+
+def shard_size(model: ModelConfig, batch_size: int) -> int:
+    """Requests per cached shard: the unit of resumption, and one backend call.
+
+    hf generates batch_size at a time, so a few batches per shard. vLLM and servers schedule their
+    own batches and want many requests per call to keep GPUs busy; a shard is still small enough
+    that a crash loses little.
+    """
+    base = max(batch_size, 1) * 4
+    if model.backend == "vllm":
+        return max(base, 1024)
+    if model.backend == "openai":
+        return max(base, model.max_concurrency * 4)
+    return base
 
 
 def resumable(
@@ -148,12 +161,13 @@ def resumable(
         "model": model.model_dump(mode="json", exclude=TRANSPORT_FIELDS),
         "adapter": adapter_key,
     }
+    work_dir = Path(cache_dir(cfg)) / "backends" / model.backend
     return ResumableBackend(
-        lambda: factory(model, batch_size, adapter),
+        lambda: factory(model, batch_size, adapter, work_dir),
         cache_dir(cfg),
         step=step,
         model_key=model_key,
-        shard_size=max(batch_size, 1) * 4,
+        shard_size=shard_size(model, batch_size),
     )
 
 

@@ -407,16 +407,16 @@ def test_usage_and_finish_reason_recorded(tmp_path):
     assert rows(again.sample(reqs, params)) == rows(got) and again.stats.attempts == 0
 
 
-def test_registered_in_backends(tmp_path, monkeypatch):
-    monkeypatch.setenv("STILLHOUSE_OPENAI_JOURNAL", str(tmp_path / "j"))
+def test_registered_in_backends(tmp_path):
     reqs = make_requests(2, 2)
     with FakeOpenAI() as srv:
         cfg = ModelConfig(name_or_path=MODEL, backend="openai", base_url=srv.base_url, max_concurrency=2,
                           max_retries=1, retry_backoff_s=0.01)
-        b = BACKENDS["openai"](cfg, 4, None)
+        b = BACKENDS["openai"](cfg, 4, None, tmp_path / "work")
         got = b.sample(reqs, PARAMS)
         b.close()
     assert {e["body"]["model"] for e in srv.log} == {MODEL}
-    assert len(got) == 4 and list((tmp_path / "j").rglob("*.jsonl"))
+    # The journal sits in the work folder the flow gives (inside the run's cache).
+    assert len(got) == 4 and list((tmp_path / "work" / "journal").rglob("*.jsonl"))
     with pytest.raises(ValueError, match="LoRA adapter"):
-        BACKENDS["openai"](cfg, 4, "/some/adapter")
+        BACKENDS["openai"](cfg, 4, "/some/adapter", tmp_path / "work")

@@ -139,7 +139,7 @@ def _rows(completions):
 
 @pytest.mark.timeout(1800)
 def test_kill_server_mid_run_then_resume_equals_uninterrupted(
-    vllm_python, vllm_model_dir, tmp_path, monkeypatch
+    vllm_python, vllm_model_dir, tmp_path
 ):
     reqs = _requests()
     port = _free_port()
@@ -149,8 +149,7 @@ def test_kill_server_mid_run_then_resume_equals_uninterrupted(
     )
 
     def backend(journal: str):
-        monkeypatch.setenv("STILLHOUSE_OPENAI_JOURNAL", str(tmp_path / journal))
-        return BACKENDS["openai"](cfg, 4, None)
+        return BACKENDS["openai"](cfg, 4, None, tmp_path / journal)
 
     first = VllmServe(str(vllm_python), vllm_model_dir, port, tmp_path / "serve-1.log")
     second = VllmServe(str(vllm_python), vllm_model_dir, port, tmp_path / "serve-2.log")

@@ -206,18 +206,17 @@ def adapter_dir(vllm_model_dir, tmp_path_factory):
 
 
 def test_student_eval_lora_request_equals_hf_peft(vllm_model_dir, vllm_python, vllm_cpu_engine, adapter_dir,
-                                                   hf, tmp_path, monkeypatch):
+                                                   hf, tmp_path):
     """The student path of a round: BACKENDS['vllm'](model, batch, adapter) -> LoRARequest, unmerged;
     hf merges the same adapter. Greedy answers must agree, and differ from the base model's."""
     from tasks.round_steps import BACKENDS
 
-    monkeypatch.setenv("STILLHOUSE_VLLM_WORK_DIR", str(tmp_path))
     model = ModelConfig(
         name_or_path=str(vllm_model_dir), backend="vllm", vllm_python=str(vllm_python),
         gpu_memory_utilization=vllm_cpu_engine["gpu_memory_utilization"],
         max_model_len=vllm_cpu_engine["max_model_len"], vllm_engine_args=vllm_cpu_engine["engine_args"],
     )
-    student = BACKENDS["vllm"](model, 16, str(adapter_dir))
+    student = BACKENDS["vllm"](model, 16, str(adapter_dir), tmp_path)
     peft = HFBackend(vllm_model_dir, batch_size=16, adapter_path=adapter_dir)
     try:
         assert student.name == "vllm" and student.spec["adapter_path"] == str(adapter_dir)
