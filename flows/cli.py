@@ -93,7 +93,7 @@ def _open_catalog(workdir: str):
 
     if not (Path(workdir) / "catalog").is_dir():
         raise FileNotFoundError(f"{workdir} holds no Stillhouse catalog (no catalog/ folder)")
-    return Catalog(workdir, read_only=True)
+    return Catalog.for_workdir(workdir, read_only=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

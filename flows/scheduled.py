@@ -70,7 +70,7 @@ def completed_rounds(workdir: str | Path) -> int:
     if not (workdir / "catalog").is_dir():
         return 0
     summaries = {m["round"] for m in round_summaries(workdir)}
-    with Catalog(workdir, read_only=True) as cat:
+    with Catalog.for_workdir(workdir, read_only=True) as cat:
         committed = {r.round for r in cat.status().rounds if r.status == "committed"}
     done = 0
     while done in summaries and done in committed:

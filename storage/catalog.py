@@ -32,6 +32,7 @@ may share it. One Catalog object belongs to one thread (it holds one DuckDB conn
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -50,7 +51,7 @@ import pyarrow.compute as pc
 
 from storage import schema as S
 from storage.ducklake_ext import load_ducklake, sql_str
-from storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_parquet_atomic
+from storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,25 @@ class CatalogStatus:
     rounds: list[RoundStatus]
 
 
+# Where a run's catalog lives when it is not the default `<workdir>/catalog` (a PostgreSQL
+# catalog, an object-store data path): written by the run, read by `Catalog.for_workdir`, so the
+# CLI and scheduled ticks find the catalog from the workdir alone.
+LOCATION_FILE = "location.json"
+
+
 class Catalog:
     """Open (or create) the DuckLake catalog of one run. Use as a context manager."""
+
+    @classmethod
+    def for_workdir(cls, workdir: str | os.PathLike[str], **kwargs: Any) -> Catalog:
+        """The run's catalog wherever it lives: `<workdir>/catalog`, or the location the run
+        recorded there (see LOCATION_FILE). Explicit `catalog_uri` / `data_path` win."""
+        location = Path(workdir) / "catalog" / LOCATION_FILE
+        if location.is_file():
+            recorded = json.loads(location.read_text())
+            kwargs.setdefault("catalog_uri", recorded.get("catalog_uri"))
+            kwargs.setdefault("data_path", recorded.get("data_path"))
+        return cls(workdir, **kwargs)
 
     def __init__(
         self,
@@ -131,8 +149,13 @@ class Catalog:
         self.catalog_uri = catalog_uri or str(local_dir / "metadata.ducklake")
         default_data = data_path is None
         self.data_path = data_path or str(local_dir / "data") + "/"
-        if catalog_uri is None and not read_only:
+        if "password" in (catalog_uri or "").lower():
+            # The location is recorded in the workdir; secrets belong in PGPASSWORD / ~/.pgpass.
+            raise CatalogError("catalog_uri must not contain a password: use PGPASSWORD or a pgpass file")
+        if not read_only:
             local_dir.mkdir(parents=True, exist_ok=True)
+            if catalog_uri is not None or data_path is not None:
+                write_json_atomic({"catalog_uri": catalog_uri, "data_path": data_path}, local_dir / LOCATION_FILE)
         if default_data and not read_only:
             Path(self.data_path).mkdir(parents=True, exist_ok=True)
         # Bulk files are written with pyarrow, so only to a local data path.

@@ -376,6 +376,22 @@ class PromptsConfig(_Section):
 # --------------------------------------------------------------------------- the run
 
 
+class CatalogConfig(_Section):
+    """Where the run's DuckLake catalog lives. Default: a local DuckLake in <workdir>/catalog."""
+
+    uri: str | None = Field(
+        None,
+        description="DuckLake metadata catalog, e.g. 'postgres:dbname=lake host=pg user=stillhouse' "
+        "(no password: use PGPASSWORD or ~/.pgpass) for a catalog shared across machines; "
+        "None = <workdir>/catalog/metadata.ducklake.",
+    )
+    data_path: str | None = Field(
+        None,
+        description="Where the catalog's Parquet files go, e.g. 's3://bucket/runs/<run>/' (needs DuckDB's "
+        "httpfs extension and credentials as DuckDB secrets); None = <workdir>/catalog/data/.",
+    )
+
+
 class RunConfig(_Section):
     """Everything a multi-round distillation run needs."""
 
@@ -398,6 +414,9 @@ class RunConfig(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig, description="Easy/hard thresholds.")
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig, description="New problems.")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt templates.")
+    catalog: CatalogConfig = Field(
+        default_factory=CatalogConfig, description="Where the versioned datasets (DuckLake) live."
+    )
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """The JSON form of the named sections: what a cached step's key is built from."""

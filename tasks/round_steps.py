@@ -171,6 +171,11 @@ def resumable(
     )
 
 
+def open_catalog(cfg: RunConfig, read_only: bool = False) -> Catalog:
+    """The run's catalog: local in the workdir, or where `catalog:` puts it (PostgreSQL, object store)."""
+    return Catalog(cfg.workdir, catalog_uri=cfg.catalog.uri, data_path=cfg.catalog.data_path, read_only=read_only)
+
+
 def _problems(table: pa.Table) -> list[Problem]:
     rows = table.to_pylist()
     return [
@@ -203,7 +208,7 @@ def seed_problems(cfg: RunConfig) -> StepResult:
         log.warning("skipped %s row %s (%s): %s", s.source, s.row, s.field, s.reason)
     if len(loaded.skipped) > 20:
         log.warning("... and %d more skipped rows", len(loaded.skipped) - 20)
-    with Catalog(cfg.workdir) as cat:
+    with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
     n_eval = sum(p.split == "eval" for p in loaded.problems)
@@ -222,7 +227,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     from tasks.hf_backend import sampling_params
     from tasks.prompts import solve_messages
 
-    with Catalog(cfg.workdir, read_only=True) as cat:
+    with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, round)
     # The round is part of each seed: a problem that stays in the pool gets fresh samples in
     # every round instead of the same N answers again.
@@ -258,7 +263,7 @@ def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResul
     out = parquet_io.cached_path(cache_dir(cfg), "verify", key[:32])
     if not parquet_io.is_complete(out):
         table = parquet_io.read_output(sampled.path)
-        with Catalog(cfg.workdir, read_only=True) as cat:
+        with open_catalog(cfg, read_only=True) as cat:
             pool, _ = pool_and_eval(cat, round)
         answer = {p.id: p.answer for p in pool}
         items = [(t, answer[k]) for t, k in zip(table["text"].to_pylist(), table["key"].to_pylist())]
@@ -335,7 +340,7 @@ def commit_version(cfg: RunConfig, round: int, weighted: StepResult, metrics: di
     table = parquet_io.read_output(weighted.path)
     teacher = cfg.teacher.name_or_path
     params = json.dumps(cfg.section_dict("sampling")["sampling"], sort_keys=True)
-    with Catalog(cfg.workdir) as cat:
+    with open_catalog(cfg) as cat:
         questions = {p.id: p.question for p in pool_and_eval(cat, round)[0]}
         rows = [
             {
@@ -386,7 +391,7 @@ def train_student(
     computed = result is None
     t0 = time.perf_counter()
     if computed:
-        with Catalog(cfg.workdir, read_only=True) as cat:
+        with open_catalog(cfg, read_only=True) as cat:
             table = cat.training_set(round)
         tok = load_tokenizer(base, revision=cfg.student.model.revision)
         templated = has_chat_template(tok, cfg.student.model.chat_template)
@@ -424,7 +429,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
     """Student (base + this round's adapter): greedy accuracy per eval set, pass rate on the pool."""
     from tasks.evaluation import evaluate_student
 
-    with Catalog(cfg.workdir, read_only=True) as cat:
+    with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
     key = parquet_io.content_hash(
         {"adapter": trained.key, "pool": [p.id for p in pool], "eval": [p.id for p in evals],
@@ -449,7 +454,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
         parquet_io.write_manifest(out, meta={"summary": res.summary(), "pass_rates": res.pass_rates})
     table = parquet_io.read_output(out)
     meta = parquet_io.read_manifest(out)["meta"]
-    with Catalog(cfg.workdir) as cat:
+    with open_catalog(cfg) as cat:
         cat.add_eval_results(table)
     summary = meta["summary"]
     return StepResult(
@@ -474,7 +479,7 @@ def split_pool(cfg: RunConfig, round: int, evaluated: StepResult) -> StepResult:
          "pass_rate": float(meta["pass_rates"][pid]), "label": label}
         for pid, label in sorted(res.labels.items())
     ]
-    with Catalog(cfg.workdir) as cat:
+    with open_catalog(cfg) as cat:
         added = cat.add_split_labels(rows)
     return StepResult(
         "split", key, None, added > 0,
@@ -493,7 +498,7 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
     from tasks.synthesis import synthesize
 
     labels = split.metrics["labels"]
-    with Catalog(cfg.workdir, read_only=True) as cat:
+    with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
     easy = [p for p in pool if labels.get(p.id) == "easy"]
     hard = [p for p in pool if labels.get(p.id) == "hard"]
@@ -519,7 +524,7 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
         parquet_io.write_manifest(out, meta={"counts": res.counts})
     meta = parquet_io.read_manifest(out)["meta"]
     new_rows = parquet_io.read_output(out).to_pylist() if meta["counts"]["kept"] else []
-    with Catalog(cfg.workdir) as cat:
+    with open_catalog(cfg) as cat:
         added = cat.add_problems(new_rows) if new_rows else 0
     counts = meta["counts"]
     return StepResult(

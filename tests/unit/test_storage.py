@@ -371,6 +371,30 @@ def test_moved_workdir_still_opens(tmp_path):
         assert cat.read("samples", 1).num_rows == 16
 
 
+def test_catalog_elsewhere_is_found_from_the_workdir(tmp_path):
+    # A catalog outside the workdir (as a PostgreSQL catalog or an object-store data path would
+    # be): the run records where it is, so tools given only the workdir open the same catalog.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    uri, data = str(shared / "meta.ducklake"), str(shared / "data") + "/"
+    build_two_rounds(tmp_path / "run", catalog_uri=uri, data_path=data)
+    assert (shared / "meta.ducklake").is_file()
+    assert not (tmp_path / "run" / "catalog" / "metadata.ducklake").exists()
+    with Catalog.for_workdir(tmp_path / "run", read_only=True) as cat:
+        assert cat.catalog_uri == uri and cat.read("samples", 1).num_rows == 16
+    # A workdir with the default catalog records nothing and opens as before.
+    build_two_rounds(tmp_path / "local")
+    assert not (tmp_path / "local" / "catalog" / catalog_mod.LOCATION_FILE).exists()
+    with Catalog.for_workdir(tmp_path / "local", read_only=True) as cat:
+        assert cat.read("samples", 1).num_rows == 16
+
+
+def test_catalog_uri_with_a_password_is_refused(tmp_path):
+    with pytest.raises(CatalogError, match="password"):
+        Catalog(tmp_path, catalog_uri="postgres:dbname=lake host=db user=u password=hunter2")
+    assert not (tmp_path / "catalog" / catalog_mod.LOCATION_FILE).exists()
+
+
 def test_second_writer_fails_fast_with_a_clear_error(run):
     workdir, _ = run
     holder = textwrap.dedent(
