@@ -67,6 +67,7 @@ from typing import Any
 
 import httpx
 
+from storage.parquet_io import write_json_atomic
 from tasks.backend import Completion, Progress, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -89,16 +90,6 @@ _INCOMPLETE = frozenset({None, "abort"})
 
 class OpenAIBackendError(RuntimeError):
     """A call failed for good: not retryable, or retries exhausted. The message names the request."""
-
-
-def default_journal_dir() -> Path:
-    """Where responses are journaled unless told otherwise (override: STILLHOUSE_OPENAI_JOURNAL).
-
-    Shared across runs on purpose: a record is keyed by everything that shapes its text, so any run
-    that asks the same question of the same endpoint reuses it instead of paying again.
-    """
-    default = Path.home() / ".cache" / "stillhouse" / "openai-journal"
-    return Path(os.environ.get("STILLHOUSE_OPENAI_JOURNAL", default))
 
 
 def _hash(obj: Any) -> str:
@@ -165,9 +156,7 @@ class Journal:
         self.folder.mkdir(parents=True, exist_ok=True)
         scope_file = self.folder / "scope.json"
         if not scope_file.exists():  # for humans: what this folder's records were sampled with
-            tmp = self.folder / f".scope.{secrets.token_hex(4)}.tmp"
-            tmp.write_text(json.dumps(self.scope, indent=2, sort_keys=True))
-            os.replace(tmp, scope_file)
+            write_json_atomic(self.scope, scope_file)
         name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         self.path = self.folder / name
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)

@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from storage.parquet_io import write_json_atomic
 from tasks.config import LoraConfig, TrainingConfig
 from tasks.weighted_loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
 
@@ -376,15 +377,6 @@ def _fingerprint(base_model_path, examples: Sequence[TrainExample], cfg: Trainin
     return h.hexdigest()
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
@@ -428,10 +420,10 @@ def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: 
     torch.save(_rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
     # Manifest last: a folder without it is incomplete and ignored on resume.
-    _write_json_atomic(tmp / MANIFEST_FILE, {
+    write_json_atomic({
         "format": _FORMAT_VERSION, "step": step, "fingerprint": state["fingerprint"],
         "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
-    })
+    }, tmp / MANIFEST_FILE)
     final = root / f"step-{step}"
     if final.exists():
         shutil.rmtree(final)
@@ -687,6 +679,6 @@ def train_lora(
         extra={"trainable_params": n_train, "device": dev, "dtype": str(torch_dtype).replace("torch.", ""),
                "warmup_steps": warmup, "padded_tokens": padded, "micro_batches": len(plan), "negative": negative},
     )
-    _write_json_atomic(metrics_path, {"fingerprint": fingerprint, "result": result.to_dict()})
+    write_json_atomic({"fingerprint": fingerprint, "result": result.to_dict()}, metrics_path)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return result

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PYTHON_ENV = "STILLHOUSE_VLLM_PYTHON"
-WORK_DIR_ENV = "STILLHOUSE_VLLM_WORK_DIR"
 STDERR_TAIL_CHARS = 4000
 
 
@@ -94,13 +93,6 @@ def resolve_vllm_python(configured: str | None = None, field_name: str = "teache
         f"no vLLM environment found: set `{field_name}` in the run config (or ${PYTHON_ENV}) to the "
         f"Python of a venv with vLLM, or create {default.parent.parent} with `make .venv-vllm/.installed`"
     )
-
-
-def default_work_dir() -> Path:
-    """Where the backend built from a run config keeps shard files: $STILLHOUSE_VLLM_WORK_DIR, else
-    ~/.cache/stillhouse/vllm. Names are content hashes, so runs can share it safely."""
-    env = os.environ.get(WORK_DIR_ENV)
-    return Path(env) if env else Path.home() / ".cache" / "stillhouse" / "vllm"
 
 
 def gpu_groups(data_parallel_size: int, tensor_parallel_size: int, visible: str | None) -> list[str | None]:
