@@ -6,7 +6,7 @@ needs the pip package `duckdb-extension-postgres` matching duckdb (the extension
 a Postgres catalog; offline, DuckDB autoloads it from its extension directory, so the test puts
 the packaged file there under the name DuckDB looks for, postgres_scanner). Skipped when missing.
 
-A throwaway cluster is created in tmp (as the `postgres` user when run as root: the server
+A throwaway cluster is created in /tmp (as the `postgres` user when run as root: the server
 refuses to run as root), started on a free port and stopped by its pid at teardown.
 """
 
@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,24 +60,23 @@ def _as_postgres_user() -> list[str]:
 
 
 @pytest.fixture
-def postgres(tmp_path):
+def postgres():
     bindir = _pg_bin()
     if bindir is None:
         pytest.skip("no PostgreSQL server binaries in /usr/lib/postgresql (apt package postgresql)")
     drop = _as_postgres_user()
-    root = tmp_path / "pg"
+    # Not under tmp_path: pytest keeps its temporary root 0700 and resets that at every session's
+    # start, so another pytest session of the same user (two suites at once) would lock the
+    # server's user out of its data folder mid-test.
+    root = Path(tempfile.mkdtemp(prefix="stillhouse-pg-"))
+    os.chmod(root, 0o755)
     data, sock = root / "data", root / "sock"
-    data.mkdir(parents=True)
+    data.mkdir()
     sock.mkdir()
     if drop:
         shutil.chown(root, "postgres")
         shutil.chown(data, "postgres")
         shutil.chown(sock, "postgres")
-        # tmp_path and its parents (pytest makes them 0700) must be traversable for that user.
-        for folder in (tmp_path, *tmp_path.parents):
-            if folder == Path("/"):
-                break
-            os.chmod(folder, os.stat(folder).st_mode | 0o001)
     init = subprocess.run([*drop, str(bindir / "initdb"), "-D", str(data), "-U", "stillhouse", "--auth=trust",
                            "-E", "UTF8"], capture_output=True, text=True, timeout=120, cwd=root)
     assert init.returncode == 0, init.stdout + init.stderr
@@ -114,6 +114,7 @@ def postgres(tmp_path):
                 break
             except subprocess.TimeoutExpired:
                 continue
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _problem(pid: str) -> dict:

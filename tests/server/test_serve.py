@@ -75,8 +75,8 @@ def test_serve_runs_the_config_on_its_schedule_and_stops_on_sigterm(tmp_path, mo
                 return [r for r in client.read_flow_runs() if r.auto_scheduled]
 
         # The scheduler makes the cron's runs within seconds; fail early if it does not.
-        _wait(scheduled_runs, 90, "the scheduler to create the cron's runs (with SQLAlchemy 2.1 Prefect "
-              "3.8.8's scheduler fails on every loop: pin sqlalchemy<2.1)", procs)
+        _wait(scheduled_runs, 90, "the scheduler to create the cron's runs (Prefect 3.8.x's scheduler fails "
+              "on every loop with SQLAlchemy 2.1: check the server log)", procs)
         # The next minute's tick, then the whole smoke run.
         tick = _wait(completed_tick, 420, "a scheduled tick to complete", procs)
         assert tick.auto_scheduled
