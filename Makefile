@@ -15,9 +15,10 @@ venv: $(STAMP)
 
 # torch's CPU wheel: uv does not read pip's configuration, so a wheel folder configured for pip
 # (find-links, as on the development machines and CI) is handed to it; elsewhere PyTorch's CPU
-# index serves the same file (the lock holds its hash).
+# index serves the same file (the lock holds its hash). That index also mirrors some PyPI
+# packages, not every version: best-match lets PyPI serve those (the hashes still decide).
 FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
-CPU_TORCH  := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu)
+CPU_TORCH  := $(if $(FIND_LINKS),--find-links $(FIND_LINKS),--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 # uv's cache and the venv may sit on different file systems; copying avoids its hardlink warning.
 export UV_LINK_MODE := copy
 
