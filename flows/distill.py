@@ -4,7 +4,7 @@ A round reads top to bottom as the method (FDD + AdvDistill):
 
     sample -> verify -> weigh -> version -> train -> evaluate -> split -> synthesize
 
-Each step is a Prefect task around a plain function of `tasks.round_steps`; tasks pass paths, ids
+Each step is a Prefect task around a plain function of `stillhouse.tasks.steps`; tasks pass paths, ids
 and content hashes (StepResult), never DataFrames or models. Orchestration policy lives here:
 
 - retries where there is I/O or a remote call (loading sources, teacher sampling);
@@ -26,12 +26,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.monitoring import ProgressReporter, publish_report, publish_round
-from storage.lock import RunLock
-from tasks import round_steps as steps
-from tasks.config import RunConfig
-from tasks.report import record_round
-from tasks.round_steps import StepResult
+from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
+from stillhouse.storage.lock import RunLock
+from stillhouse.tasks import steps
+from stillhouse.tasks.config import RunConfig
+from stillhouse.tasks.report import record_round
+from stillhouse.tasks.steps import StepResult
 
 GPU = "gpu"
 

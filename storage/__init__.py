@@ -1,6 +1,6 @@
 """Storage: the run's DuckLake catalog (versioned tables) and Parquet intermediates (atomic, cached)."""
 
-from storage.catalog import (
+from stillhouse.storage.catalog import (
     Catalog,
     CatalogError,
     CatalogLockedError,
@@ -9,7 +9,7 @@ from storage.catalog import (
     RoundStatus,
     VersionDiff,
 )
-from storage.parquet_io import (
+from stillhouse.storage.parquet_io import (
     cached_path,
     completed_shards,
     content_hash,
@@ -22,7 +22,7 @@ from storage.parquet_io import (
     write_parquet_atomic,
     write_shard,
 )
-from storage.schema import TABLES, TableSpec
+from stillhouse.storage.schema import TABLES, TableSpec
 
 __all__ = [
     "TABLES",

@@ -19,7 +19,7 @@ Versioning model
   evaluate -> split), so they are not frozen and land in round r+1's version.
 - Re-committing a committed round with the same config_hash returns its snapshot (idempotent
   resume; the first commit's metrics are kept). A different config_hash raises RoundCommittedError.
-- Inserts are idempotent on each table's key (storage.schema): existing keys and in-batch repeats
+- Inserts are idempotent on each table's key (stillhouse.storage.schema): existing keys and in-batch repeats
   are skipped (first occurrence wins), existing rows are never changed.
 - Large batches (>= bulk_rows) to a local data path are written as Parquet by pyarrow and
   registered with ducklake_add_data_files in the same transaction (see `_insert` for why);
@@ -49,9 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import schema as S
-from storage.ducklake_ext import load_ducklake, sql_str
-from storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
+from stillhouse.storage import schema as S
+from stillhouse.storage.ducklake_ext import load_ducklake, sql_str
+from stillhouse.storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storage import parquet_io
+from stillhouse.storage import parquet_io
 
 
 def round_summaries(workdir: str | Path) -> list[dict[str, Any]]:
@@ -94,7 +94,7 @@ def _markdown(run: str, history: list[dict[str, Any]]) -> str:
 
 def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path, Path]:
     """Write <workdir>/report/report.md and report.html; returns their paths."""
-    from storage.catalog import Catalog
+    from stillhouse.storage.catalog import Catalog
 
     workdir = Path(workdir)
     history = round_summaries(workdir)

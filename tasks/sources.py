@@ -22,8 +22,8 @@ from pathlib import Path
 from random import Random
 from typing import Any, Callable, Iterable, NamedTuple
 
-from tasks.config import SourceConfig
-from tasks.problems import Problem
+from stillhouse.tasks.config import SourceConfig
+from stillhouse.tasks.problems import Problem
 
 logger = logging.getLogger(__name__)
 

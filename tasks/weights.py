@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tasks.config import RewardConfig, WeightingConfig
+from stillhouse.tasks.config import RewardConfig, WeightingConfig
 
 
 def sample_reward(correct: bool, format_ok: bool, cfg: RewardConfig) -> float:

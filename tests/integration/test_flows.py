@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from storage.catalog import Catalog
-from tasks.config import load_config
+from stillhouse.storage.catalog import Catalog
+from stillhouse.tasks.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
@@ -55,8 +55,8 @@ class ModelWork:
     """Counts real generate calls and real training runs."""
 
     def __init__(self, monkeypatch):
-        import tasks.hf_backend as hf
-        import tasks.training as training
+        import stillhouse.tasks.backends.hf as hf
+        import stillhouse.tasks.training.trainer as training
 
         self.samples = 0
         self.trainings = 0
@@ -75,7 +75,7 @@ class ModelWork:
 
 
 def _run(cfg):
-    from flows.distill import run
+    from stillhouse.flows.distill import run
 
     return run(cfg)
 
@@ -173,12 +173,12 @@ def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, m
 
 
 def test_second_run_on_same_workdir_fails_at_once(smoke_run):
-    from storage.lock import RunLock
+    from stillhouse.storage.lock import RunLock
 
     cfg, _, _, _ = smoke_run
     with RunLock(cfg.workdir):
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", str(SMOKE), "--workdir", cfg.workdir],
+            [sys.executable, "-m", "stillhouse.flows.cli", "run", str(SMOKE), "--workdir", cfg.workdir],
             capture_output=True, text=True, timeout=300,
         )
     assert proc.returncode != 0
@@ -189,7 +189,7 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     cfg, _, _, _ = smoke_run
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -230,7 +230,7 @@ def _cli_run(config: Path, env: dict) -> subprocess.Popen:
     # Own process group: the kill takes the run and its ephemeral Prefect server down together,
     # as when a node dies, and leaves no server behind.
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(config)],
+        [sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
 

@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import PromptsConfig, SamplingConfig
-from tasks.hf_backend import HFBackend, _make_gumbel_processor, sample_problems
-from tasks.problems import Problem
-from tasks.prompts import PLAIN_TEXT_STOP
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig
+from stillhouse.tasks.backends.hf import HFBackend, _make_gumbel_processor, sample_problems
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.prompts import PLAIN_TEXT_STOP
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tasks.models import (
+from stillhouse.tasks.models.resolve import (
     MANIFEST,
     SMOLLM2_NAME,
     TINY_NAME,

@@ -9,8 +9,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tasks.config import SourceConfig
-from tasks.sources import load_problems, load_source
+from stillhouse.tasks.config import SourceConfig
+from stillhouse.tasks.sources import load_problems, load_source
 
 pytestmark = pytest.mark.integration
 
@@ -87,7 +87,7 @@ def test_gsm_symbolic_public_api_fallback(monkeypatch):
     # public generate_questions (same distribution, slower on big templates).
     from random import Random
 
-    import tasks.sources as sources
+    import stillhouse.tasks.sources as sources
 
     monkeypatch.setattr(sources, "_sampler", lambda template_id: None)
     q = sources._instantiate(8, Random(0))  # a template with a small value space

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks.config import LoraConfig, TrainingConfig
-from tasks.training import (
+from stillhouse.tasks.config import LoraConfig, TrainingConfig
+from stillhouse.tasks.training.trainer import (
     ADAPTER_DIR,
     CHECKPOINTS_DIR,
     METRICS_FILE,
@@ -52,21 +52,21 @@ def _lora(**kw):
 
 
 def _peft_model(path, lora=None, seed=0):
-    from tasks.training import _load_base, _wrap_lora
+    from stillhouse.tasks.training.trainer import _load_base, _wrap_lora
 
     torch.manual_seed(seed)
     return _wrap_lora(_load_base(path, torch.float32, "cpu"), lora or _lora(), None)
 
 
 def _batch(tok, examples, max_length=64):
-    from tasks.training import _collate
+    from stillhouse.tasks.training.trainer import _collate
 
     enc = encode_examples(tok, examples, max_length)
     return _collate(enc, list(range(len(enc.input_ids))), tok.pad_token_id)
 
 
 def _sample_nll(model, tok, examples):
-    from tasks.weighted_loss import sample_mean_nll
+    from stillhouse.tasks.training.loss import sample_mean_nll
 
     ids, mask, labels, _ = _batch(tok, examples)
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_saved_and_reloaded_adapter_gives_identical_logits(tiny_model_dir, tok, 
 
 
 def test_unknown_target_modules_give_a_clear_error(tiny_model_dir, tok, tmp_path):
-    from tasks.training import _load_base
+    from stillhouse.tasks.training.trainer import _load_base
 
     base = _load_base(tiny_model_dir, torch.float32, "cpu")
     assert match_target_modules(base, ["q_proj", "nope"]) == ["q_proj"]

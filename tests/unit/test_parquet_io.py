@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import storage.parquet_io as pio
+import stillhouse.storage.parquet_io as pio
 
 pytestmark = pytest.mark.unit
 

@@ -8,9 +8,9 @@ import typing
 
 import pytest
 
-from tasks.config import ColumnMap, SourceConfig
-from tasks.problems import problem_id
-from tasks.sources import (
+from stillhouse.tasks.config import ColumnMap, SourceConfig
+from stillhouse.tasks.problems import problem_id
+from stillhouse.tasks.sources import (
     ARITHMETIC_STORIES,
     LOADERS,
     SkippedRow,
@@ -137,7 +137,7 @@ def test_jsonl_skip_report(tmp_path, caplog):
         {"question": {"nested": 1}, "answer": "1"},  # 11 not text
         {"question": "What is 5+5?", "answer": 10},  # 12 ok: numbers are text too
     ])
-    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+    with caplog.at_level(logging.WARNING, logger="stillhouse.tasks.sources"):
         res = load_source(SourceConfig(kind="jsonl", path=str(path)))
     assert [(p.question, p.answer) for p in res.problems] == [("What is 2+2?", "4"), ("What is 5+5?", "10")]
     got = [(s.source, s.row, s.field, s.reason) for s in res.skipped]
@@ -375,14 +375,14 @@ def test_arithmetic_is_seeded_and_difficulty_changes_the_draws():
 def test_arithmetic_tiny_range_reports_missing_instances(caplog):
     # max_operand=3, one add step: start 3, operand 2 or 3 -> only a few distinct questions per
     # item/name, so asking for many instances gives fewer, with a warning, never a hang.
-    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+    with caplog.at_level(logging.WARNING, logger="stillhouse.tasks.sources"):
         res = arithmetic(max_operand=3, operations=["add"], instances_per_template=500)
     assert 0 < len(res.problems) < 500 * len(ARITHMETIC_STORIES)
     assert "distinct instances" in caplog.text
 
 
 def test_arithmetic_config_rejects_mul_only_multistep():
-    from tasks.config import ConfigError, parse_config
+    from stillhouse.tasks.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="mul"):
         parse_config({

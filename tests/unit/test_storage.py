@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import storage.catalog as catalog_mod
-from storage import schema as S
-from storage.catalog import Catalog, CatalogError, CatalogLockedError, RoundCommittedError
+import stillhouse.storage.catalog as catalog_mod
+from stillhouse.storage import schema as S
+from stillhouse.storage.catalog import Catalog, CatalogError, CatalogLockedError, RoundCommittedError
 
 pytestmark = pytest.mark.unit
 
@@ -400,7 +400,7 @@ def test_second_writer_fails_fast_with_a_clear_error(run):
     holder = textwrap.dedent(
         """
         import sys
-        from storage.catalog import Catalog
+        from stillhouse.storage.catalog import Catalog
         cat = Catalog(sys.argv[1])
         print("ready", flush=True)
         sys.stdin.read()

@@ -12,10 +12,10 @@ from fractions import Fraction
 
 import pytest
 
-from tasks.backend import Completion
-from tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig
-from tasks.problems import Problem
-from tasks.synthesis import (
+from stillhouse.tasks.backends.base import Completion
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.synthesis.synthesize import (
     DROP_REASONS,
     ContaminationIndex,
     DedupIndex,
@@ -425,7 +425,7 @@ def test_synthesize_source_suffix_not_repeated():
 
 
 def test_synthesize_vote_uses_the_verifier_for_symbolic_answers():
-    from tasks.config import VerifierConfig
+    from stillhouse.tasks.config import VerifierConfig
 
     q = "Let $n$ be a positive integer. Find a closed form for $n$ plus one, in terms of $n$."
     backend = ScriptedBackend(

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import verifier
-from tasks.answer_extraction import Extraction, extract_answer
-from tasks.verifier import (
+from stillhouse.tasks.verify import verifier
+from stillhouse.tasks.verify.extract import Extraction, extract_answer
+from stillhouse.tasks.verify.verifier import (
     VerifyInputError,
     VerifyItem,
     VerifyResult,
@@ -285,7 +285,7 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
         "eval(\"__import__('os').environ.__setitem__('STILLHOUSE_PWNED', '1')\")",
         f"(lambda: __import__('subprocess').call(['touch', '{sentinel}']))()",
         "globals().update(_INJECTION_MARKER='pwned')",
-        "__import__('tasks.verifier').verifier.__dict__.update(_INJECTION_MARKER='pwned')",
+        "__import__('stillhouse.tasks.verify.verifier').tasks.verify.verifier.__dict__.update(_INJECTION_MARKER='pwned')",
         f"1; import os; os.system('touch {sentinel}')",
         f"{{}}.__class__.__base__.__subclasses__()",
     ]

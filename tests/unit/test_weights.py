@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from tasks.config import RewardConfig, WeightingConfig
-from tasks.weights import compute_weights, group_advantages, sample_reward
+from stillhouse.tasks.config import RewardConfig, WeightingConfig
+from stillhouse.tasks.weights import compute_weights, group_advantages, sample_reward
 
 pytestmark = pytest.mark.unit
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage import parquet_io
-from tasks.backend import Backend, Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.storage import parquet_io
+from stillhouse.tasks.backends.base import Backend, Completion, Progress, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 

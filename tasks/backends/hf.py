@@ -31,8 +31,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.backend import Completion, Progress, SampleRequest, SamplingParams, derive_seed
-from tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt, solve_messages
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt, solve_messages
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,12 @@ class HFBackend:
         adapter_path: str | Path | None = None,
         models_dir: str | Path | None = None,
     ):
-        from tasks.models import load_model_and_tokenizer, resolve_model
+        from stillhouse.tasks.models.resolve import load_model_and_tokenizer, resolve_model
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         # Prepared names ('smollm2-135m-instruct', 'tiny-llama') are built under models_dir
-        # (default tasks.models.default_models_dir()) on first use; folders and hub ids pass through.
+        # (default stillhouse.tasks.models.resolve.default_models_dir()) on first use; folders and hub ids pass through.
         model_path = resolve_model(str(model_path), models_dir)
         self.model_path = str(model_path)
         self.batch_size = batch_size

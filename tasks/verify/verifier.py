@@ -2,7 +2,7 @@
 
 Pipeline per sample (score_samples):
 
-1. extract   tasks.answer_extraction.extract_answer finds the final answer (boxed, ####, ...).
+1. extract   stillhouse.tasks.verify.extract.extract_answer finds the final answer (boxed, ####, ...).
 2. fast path In the calling process: normalise both answers; identical strings, or two plain
              numbers ("1,234", "$5.00", "50%", "1/2", "-3", "\\frac{3}{4}"), are decided exactly
              with fractions.Fraction. This settles almost every GSM8K sample without sympy.
@@ -54,7 +54,7 @@ from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
 
-from tasks.answer_extraction import MAX_ANSWER_CHARS, Extraction, extract_answer, unwrap_boxed
+from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, Extraction, extract_answer, unwrap_boxed
 
 __all__ = [
     "VerifyItem",
@@ -559,7 +559,7 @@ def _mp_context() -> Any:
         if _ctx is None:
             if "forkserver" in multiprocessing.get_all_start_methods():
                 _ctx = multiprocessing.get_context("forkserver")
-                _ctx.set_forkserver_preload(["tasks.verifier", "math_verify"])
+                _ctx.set_forkserver_preload(["stillhouse.tasks.verify.verifier", "math_verify"])
             else:
                 _ctx = multiprocessing.get_context("spawn")
     return _ctx

@@ -26,12 +26,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage import parquet_io
-from storage.catalog import Catalog
-from tasks.backend import Backend, Progress, SampleRequest, derive_seed
-from tasks.cached_backend import ResumableBackend
-from tasks.config import ModelConfig, RunConfig
-from tasks.problems import Problem
+from stillhouse.storage import parquet_io
+from stillhouse.storage.catalog import Catalog
+from stillhouse.tasks.backends.base import Backend, Progress, SampleRequest, derive_seed
+from stillhouse.tasks.backends.resumable import ResumableBackend
+from stillhouse.tasks.config import ModelConfig, RunConfig
+from stillhouse.tasks.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,13 @@ def cache_dir(cfg: RunConfig) -> Path:
 
 
 def model_path(model: ModelConfig) -> str:
-    from tasks.models import resolve_model
+    from stillhouse.tasks.models.resolve import resolve_model
 
     return resolve_model(model.name_or_path, models_dir())
 
 
 def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.hf_backend import HFBackend
+    from stillhouse.tasks.backends.hf import HFBackend
 
     return HFBackend(
         model_path(model),
@@ -78,7 +78,7 @@ def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_d
 
 
 def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.openai_backend import OpenAIBackend
+    from stillhouse.tasks.backends.openai import OpenAIBackend
 
     if adapter is not None:
         # A served model cannot take a local LoRA folder; the server has to load it itself.
@@ -94,7 +94,7 @@ def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None, wo
 
 
 def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.vllm_backend import VLLMBackend
+    from stillhouse.tasks.backends.vllm import VLLMBackend
 
     # batch_size is the hf backend's knob: vLLM schedules its own batches. The call's requests
     # arrive in ResumableBackend shards (see shard_size), each one generate pass over the engines.
@@ -201,7 +201,7 @@ def pool_and_eval(catalog: Catalog, round: int) -> tuple[list[Problem], list[Pro
 
 def seed_problems(cfg: RunConfig) -> StepResult:
     """Load the configured sources into the catalog (round 0 = FDD's seed problems)."""
-    from tasks.sources import load_problems
+    from stillhouse.tasks.sources import load_problems
 
     loaded = load_problems(list(cfg.problems))
     for s in loaded.skipped[:20]:
@@ -224,8 +224,8 @@ def seed_problems(cfg: RunConfig) -> StepResult:
 
 def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None) -> StepResult:
     """The teacher answers every pool problem N times; completions cached as Parquet shards."""
-    from tasks.hf_backend import sampling_params
-    from tasks.prompts import solve_messages
+    from stillhouse.tasks.backends.hf import sampling_params
+    from stillhouse.tasks.prompts import solve_messages
 
     with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, round)
@@ -257,7 +257,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
 
 def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResult:
     """Extract and check every final answer against the problem's reference."""
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.verify.verifier import score_samples
 
     key = parquet_io.content_hash({"samples": sampled.key, "verifier": cfg.section_dict("verifier")})
     out = parquet_io.cached_path(cache_dir(cfg), "verify", key[:32])
@@ -294,7 +294,7 @@ def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResul
 
 def weigh_samples(cfg: RunConfig, round: int, verified: StepResult) -> StepResult:
     """Reward per sample, then its group-relative advantage as the loss weight (AdvDistill)."""
-    from tasks.weights import compute_weights, sample_reward
+    from stillhouse.tasks.weights import compute_weights, sample_reward
 
     key = parquet_io.content_hash(
         {"verified": verified.key, **cfg.section_dict("rewards", "weighting")}
@@ -335,7 +335,7 @@ def sample_id(problem_id: str, round: int, sample_index: int, teacher: str) -> s
 
 def commit_version(cfg: RunConfig, round: int, weighted: StepResult, metrics: dict[str, Any]) -> StepResult:
     """Write the round's samples to the catalog and commit them as the round's dataset version."""
-    from tasks.prompts import solve_messages
+    from stillhouse.tasks.prompts import solve_messages
 
     table = parquet_io.read_output(weighted.path)
     teacher = cfg.teacher.name_or_path
@@ -376,9 +376,9 @@ def train_student(
     progress: Progress | None = None,
 ) -> StepResult:
     """LoRA fine-tune the student on the round's version with the weighted loss."""
-    from tasks.models import load_tokenizer
-    from tasks.prompts import has_chat_template, render_prompt, solve_messages
-    from tasks.training import TrainExample, finished_result, train_lora
+    from stillhouse.tasks.models.resolve import load_tokenizer
+    from stillhouse.tasks.prompts import has_chat_template, render_prompt, solve_messages
+    from stillhouse.tasks.training.trainer import TrainExample, finished_result, train_lora
 
     init = previous.path if (previous is not None and cfg.training.init == "previous") else None
     key = parquet_io.content_hash(
@@ -427,7 +427,7 @@ def train_student(
 
 def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress | None = None) -> StepResult:
     """Student (base + this round's adapter): greedy accuracy per eval set, pass rate on the pool."""
-    from tasks.evaluation import evaluate_student
+    from stillhouse.tasks.evaluation import evaluate_student
 
     with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
@@ -469,7 +469,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
 
 def split_pool(cfg: RunConfig, round: int, evaluated: StepResult) -> StepResult:
     """Pool problems -> easy (the student solves them) / hard (it does not) / mid (FDD)."""
-    from tasks.split import split_by_pass_rate
+    from stillhouse.tasks.split import split_by_pass_rate
 
     meta = parquet_io.read_manifest(evaluated.path)["meta"]
     res = split_by_pass_rate(meta["pass_rates"], cfg.split.easy_threshold, cfg.split.hard_threshold)
@@ -495,7 +495,7 @@ def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
                         progress: Progress | None = None) -> StepResult:
     """The teacher writes harder variants of easy problems and similar ones for hard problems;
     survivors (parsed, deduplicated, uncontaminated, majority-answered) join round r+1's pool."""
-    from tasks.synthesis import synthesize
+    from stillhouse.tasks.synthesis.synthesize import synthesize
 
     labels = split.metrics["labels"]
     with open_catalog(cfg, read_only=True) as cat:

@@ -67,8 +67,8 @@ from typing import Any
 
 import httpx
 
-from storage.parquet_io import write_json_atomic
-from tasks.backend import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.storage.parquet_io import write_json_atomic
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class OpenAIBackend:
 
     @classmethod
     def from_config(cls, model: Any, journal_dir: str | Path) -> OpenAIBackend:
-        """Build from a tasks.config.ModelConfig."""
+        """Build from a stillhouse.tasks.config.ModelConfig."""
         return cls(
             model.base_url,
             model.name_or_path,

@@ -10,7 +10,7 @@ template, eos <|im_end|>; hidden size 64, ~0.2M parameters) trained from scratch
   "3 * 4 = 12. 12 - 5 = \\boxed{7}.";
 - harder / similar prompt + a parent problem (one of ours, or a longer GSM8K-like story)
   -> "Problem: <a new two-step (harder) or one-step (similar) word problem>?" with new names and
-  numbers: tasks.synthesis.parse_generated_problem accepts it and it is no copy of the parent;
+  numbers: stillhouse.tasks.synthesis.synthesize.parse_generated_problem accepts it and it is no copy of the parent;
 - bare facts ("What is 8 + 6?") that drill the arithmetic.
 
 What it learns is deliberately a smoke-scale skill: it copies the numbers and usually picks the
@@ -25,7 +25,7 @@ problem text of solve prompts (question_weight), which teaches it to write probl
 
 Deterministic given its arguments on one machine kind (seeded corpus and init, one CPU thread);
 a second call with the same arguments returns the existing folder (manifest written last, atomic
-publish, as for the other prepared names in tasks.models). torch/transformers/tokenizers are
+publish, as for the other prepared names in stillhouse.tasks.models.resolve). torch/transformers/tokenizers are
 imported inside the functions.
 """
 
@@ -41,8 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.config import PromptsConfig
-from tasks.models import TUTOR_NAME
+from stillhouse.tasks.config import PromptsConfig
+from stillhouse.tasks.models.resolve import TUTOR_NAME
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +273,13 @@ def tutor_conversations(seed: int, n_solve: int = 5000, n_write: int = 800, n_dr
       another phrasing -> '<a> <op> <b> = \\boxed{<answer>}.';
     - n_write harder / similar prompts whose parent is one of our problems or a longer story ->
       'Problem: <a new two-step (harder) or one-step (similar) problem>', checked to pass
-      tasks.synthesis.parse_generated_problem against its parent;
+      stillhouse.tasks.synthesis.synthesize.parse_generated_problem against its parent;
     - n_drill bare facts ('What is 8 + 6?'): a few tokens each, they drill the arithmetic in the
       very context the rationale uses it ('8 + 6 = \\boxed{').
     """
-    from tasks.config import SynthesisConfig
-    from tasks.prompts import harder_messages, similar_messages, solve_messages
-    from tasks.synthesis import parse_generated_problem
+    from stillhouse.tasks.config import SynthesisConfig
+    from stillhouse.tasks.prompts import harder_messages, similar_messages, solve_messages
+    from stillhouse.tasks.synthesis.synthesize import parse_generated_problem
 
     prompts = prompts or PromptsConfig()
     alt = [prompts.model_copy(update={"solve": s}) for s in _ALT_SOLVE]
@@ -320,7 +320,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     text, so a small number is one token wherever it stands ("has 17", "= 17", "{17}"): copying it
     from the question is one attention step. Larger numbers split into pieces.
     """
-    from tasks.models import train_chat_tokenizer
+    from stillhouse.tasks.models.resolve import train_chat_tokenizer
 
     numbers = " ".join(str(i) for i in range(NUMBER_TOKENS))
     return train_chat_tokenizer(texts + [numbers] * 50, vocab_size, max_length, split_digits=True)
@@ -384,7 +384,7 @@ def build_tiny_tutor(
     the corpus was rendered with, so editing them rebuilds), the loss and the build time; a folder
     whose manifest spec matches is returned as is. Takes ~40-50 s on a free core.
     """
-    from tasks.models import TINY_SPECIAL_TOKENS, _publish, _read_manifest, _tmp_sibling
+    from stillhouse.tasks.models.resolve import TINY_SPECIAL_TOKENS, _publish, _read_manifest, _tmp_sibling
 
     out_dir = Path(out_dir)
     if hidden_size % num_heads or hidden_size // num_heads != 64:
@@ -404,7 +404,7 @@ def build_tiny_tutor(
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from tasks.prompts import render_prompt
+    from stillhouse.tasks.prompts import render_prompt
 
     t0 = time.perf_counter()
     log.info("building %s into %s", TUTOR_NAME, out_dir)

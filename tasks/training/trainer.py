@@ -2,8 +2,8 @@
 
 `train_lora` takes rendered prompt text, completion text and a weight per teacher sample (a list of
 `TrainExample` or a Parquet file with columns prompt, completion, weight) and trains a PEFT LoRA
-adapter on a causal LM with `tasks.weighted_loss`. It is independent of prompt building: whoever
-renders prompts (tasks.prompts) does so before the data reaches here.
+adapter on a causal LM with `stillhouse.tasks.training.loss`. It is independent of prompt building: whoever
+renders prompts (stillhouse.tasks.prompts) does so before the data reaches here.
 
 What it does, in order:
 
@@ -53,9 +53,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.parquet_io import write_json_atomic
-from tasks.config import LoraConfig, TrainingConfig
-from tasks.weighted_loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
+from stillhouse.storage.parquet_io import write_json_atomic
+from stillhouse.tasks.config import LoraConfig, TrainingConfig
+from stillhouse.tasks.training.loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def encode_examples(tokenizer, examples: Sequence[TrainExample], max_length: int
     Separate tokenization matches generation, where the completion's tokens follow the prompt's.
     prompt_special_tokens: whether the prompt gets the tokenizer's BOS. None (default): when the
     tokenizer adds one and the rendered prompt does not already start with it (a chat template that
-    writes its own BOS is not doubled). Pass the sampling backend's rule (tasks.hf_backend encodes
+    writes its own BOS is not doubled). Pass the sampling backend's rule (stillhouse.tasks.backends.hf encodes
     chat-templated text without special tokens) to mirror it exactly.
     """
     prompts = [e.prompt for e in examples]
@@ -331,7 +331,7 @@ def _supports_mask_logits(model) -> bool:
 
 
 def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="nll", mask_logits=True):
-    """Forward one micro-batch and return the weighted loss (see tasks.weighted_loss)."""
+    """Forward one micro-batch and return the weighted loss (see stillhouse.tasks.training.loss)."""
     import torch
 
     if mask_logits:
@@ -503,7 +503,7 @@ def train_lora(
         fresh LoRA (then `lora`'s rank/alpha are the adapter's own).
     progress: progress(step, total_steps) after each optimizer step; an exception raised from it
         stops training (the last checkpoint stays usable).
-    negative: how negative-weight samples are pushed down (tasks.weighted_loss): "nll" (default,
+    negative: how negative-weight samples are pushed down (stillhouse.tasks.training.loss): "nll" (default,
         -|w| * nll) or "unlikelihood" (bounded |w| * -log(1 - p)).
     prompt_special_tokens: BOS handling of the prompt (see `encode_examples`).
     """

@@ -8,7 +8,7 @@ Three kinds of `name_or_path` reach `resolve_model`:
   rebuilt once into a normal HF folder) or 'tiny-llama' (a random 2-layer Llama with a self-trained
   BPE tokenizer, built in seconds, for tests and smoke runs) or 'tiny-tutor' (that kind of model
   briefly trained on synthetic arithmetic word problems, ~half a minute on CPU: see
-  tasks.tiny_tutor; a smoke-scale teacher that is right sometimes and writes parseable problems).
+  stillhouse.tasks.models.tiny_tutor; a smoke-scale teacher that is right sometimes and writes parseable problems).
 
 torch/transformers/tokenizers are imported inside the functions that need them so that importing
 this module (from the CLI, Prefect flows or unit tests) stays cheap.
@@ -107,7 +107,7 @@ def train_chat_tokenizer(texts: list[str], vocab_size: int, max_length: int, *, 
     (bos <s>, eos <|im_end|>, pad <pad>) and ChatML chat template, as a transformers tokenizer.
 
     split_digits: digit runs become pre-tokens of their own (tiny-tutor wants "17" to be one token
-    wherever it stands, see tasks.tiny_tutor).
+    wherever it stands, see stillhouse.tasks.models.tiny_tutor).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -287,7 +287,7 @@ def prepare_model(name: str, out_dir: str | Path) -> Path:
     if name == TINY_NAME:
         return build_tiny_model(out_dir)
     if name == TUTOR_NAME:
-        from tasks.tiny_tutor import build_tiny_tutor
+        from stillhouse.tasks.models.tiny_tutor import build_tiny_tutor
 
         return build_tiny_tutor(out_dir)
     raise ValueError(f"unknown prepared model {name!r}; known: {', '.join(PREPARED_NAMES)}")

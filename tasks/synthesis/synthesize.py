@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from tasks.backend import Backend, Progress, SampleRequest, SamplingParams, derive_seed
-from tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
-from tasks.problems import Problem, normalize_question
+from stillhouse.tasks.backends.base import Backend, Progress, SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
+from stillhouse.tasks.problems import Problem, normalize_question
 
 log = logging.getLogger(__name__)
 
@@ -469,9 +469,9 @@ def verifier_equivalence(
     None if the verifier is not importable (then grouping is by value/text only).
     """
     try:
-        from tasks.verifier import score_samples
+        from stillhouse.tasks.verify.verifier import score_samples
     except ImportError:
-        log.warning("tasks.verifier unavailable; majority votes group answers by value/text only")
+        log.warning("stillhouse.tasks.verify.verifier unavailable; majority votes group answers by value/text only")
         return None
     pairs = sorted({p for answers in answer_lists for p in _pairs_to_check(answers)})
     table: dict[tuple[str, str], bool] = {}
@@ -588,8 +588,8 @@ def synthesize(
     (generation) or the candidate question (reference votes), so a rerun is reproducible.
     `seed` defaults to `sampling.seed`.
     """
-    from tasks.prompts import harder_messages, similar_messages, solve_messages
-    from tasks.verifier import extract_answer
+    from stillhouse.tasks.prompts import harder_messages, similar_messages, solve_messages
+    from stillhouse.tasks.verify.verifier import extract_answer
 
     verifier = verifier or VerifierConfig()
     base_seed = sampling.seed if seed is None else seed
