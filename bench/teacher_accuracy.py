@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from stillhouse.tasks.backends.hf import HFBackend, build_requests, sampling_params
     from stillhouse.tasks.sources import load_problems
-    from stillhouse.tasks.verify.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,7 @@ log = logging.getLogger("stillhouse")
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from stillhouse.tasks.config import RewardConfig
-    from stillhouse.tasks.verify.verifier import verify_jsonl
+    from stillhouse.tasks.verify.jsonl import verify_jsonl
     from stillhouse.tasks.weights import sample_reward
 
     rewards = RewardConfig()

@@ -103,7 +103,7 @@ def evaluate_student(
     them, the pool samples are reproducible from them.
     """
     from stillhouse.tasks.prompts import solve_messages
-    from stillhouse.tasks.verify.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
     verifier = verifier or VerifierConfig()
     all_evals = _unique(list(eval_problems), "eval")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from stillhouse.tasks.config import SourceConfig
 from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.verify.numbers import plain_number_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ class LoadResult:
 
 # --------------------------------------------------------------------------- reference answers
 
-# Thousands groups may be separated by ',', a space, nbsp or thin space, but only in groups of 3:
-# '1 234' is a number, '12 34' is not.
-_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:[,\s]\d{3})+|\d+)(?:\.\d+)?")
-_SIGN_GAP = re.compile(r"^([-+]?)\s+")
 
 
 def normalize_reference(answer: str) -> str:
@@ -70,10 +67,8 @@ def normalize_reference(answer: str) -> str:
     be LaTeX math, and a comma may not be a thousands separator.
     """
     text = answer.rsplit("####", 1)[-1].strip()
-    number = _SIGN_GAP.sub(r"\1", text.replace("$", "").replace("\u2212", "-").strip())
-    if _PLAIN_NUMBER.fullmatch(number):
-        return re.sub(r"[,\s]", "", number).lstrip("+")
-    return text
+    number = plain_number_text(text)
+    return text if number is None else number
 
 
 # --------------------------------------------------------------------------- shared row handling

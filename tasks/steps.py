@@ -257,7 +257,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
 
 def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResult:
     """Extract and check every final answer against the problem's reference."""
-    from stillhouse.tasks.verify.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
     key = parquet_io.content_hash({"samples": sampled.key, "verifier": cfg.section_dict("verifier")})
     out = parquet_io.cached_path(cache_dir(cfg), "verify", key[:32])

@@ -27,12 +27,12 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Any
 
 from stillhouse.tasks.backends.base import Backend, Progress, SampleRequest, SamplingParams, derive_seed
 from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
 from stillhouse.tasks.problems import Problem, normalize_question
+from stillhouse.tasks.verify.numbers import compact_number, numeric_value, strip_answer
 
 log = logging.getLogger(__name__)
 
@@ -313,37 +313,6 @@ def parse_generated_problem(
 
 # --------------------------------------------------------------------------- majority vote
 
-_THOUSANDS = re.compile(r"^[-+]?\d{1,3}(?:,\d{3})+(?:\.\d+)?$")
-_DECIMAL = re.compile(r"^[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?$")
-_RATIO = re.compile(r"^([-+]?\d+)/(\d+)$")
-_LATEX_FRAC = re.compile(r"^([-+]?)\\[dt]?frac\{(\d+)\}\{(\d+)\}$")
-
-
-def _strip_answer(ans: str) -> str:
-    s = ans.strip()
-    s = re.sub(r"^\\\$|^\$", "", s).strip()
-    s = re.sub(r"\$$", "", s).strip()
-    return s.rstrip(".").strip()
-
-
-def numeric_value(ans: str) -> Fraction | None:
-    """Exact value of a plain number ('1,000', '-2.50', '3/4', '\\frac{1}{2}', '$12'), else None."""
-    s = _strip_answer(ans).replace(" ", "")
-    if _THOUSANDS.match(s):
-        s = s.replace(",", "")
-    try:
-        if _DECIMAL.match(s):
-            return Fraction(s)
-        if m := _RATIO.match(s):
-            return Fraction(int(m.group(1)), int(m.group(2))) if int(m.group(2)) else None
-        if m := _LATEX_FRAC.match(s):
-            den = int(m.group(3))
-            return Fraction(int(m.group(1) + m.group(2)), den) if den else None
-    except (ValueError, ZeroDivisionError, OverflowError):
-        return None
-    return None
-
-
 def _fast_clusters(answers: list[str | None]) -> dict[tuple[str, Any], list[int]]:
     """Group answers by exact numeric value (plain numbers) or by whitespace/case-free text.
 
@@ -351,13 +320,13 @@ def _fast_clusters(answers: list[str | None]) -> dict[tuple[str, Any], list[int]
     """
     clusters: dict[tuple[str, Any], list[int]] = {}
     for i, a in enumerate(answers):
-        if a is None or not _strip_answer(a):
+        if a is None or not strip_answer(a):
             continue
         val = numeric_value(a)
         if val is not None:
             key: tuple[str, Any] = ("num", val)
         else:
-            key = ("txt", re.sub(r"\s+", "", _strip_answer(a)).casefold())
+            key = ("txt", re.sub(r"\s+", "", strip_answer(a)).casefold())
         clusters.setdefault(key, []).append(i)
     return clusters
 
@@ -447,14 +416,11 @@ def _representative(members: list[str]) -> str:
     """The group's most common surface form (first seen on ties); plain numbers lose commas/$."""
     forms: dict[str, int] = {}
     for a in members:
-        s = _strip_answer(a)
+        s = strip_answer(a)
         forms[s] = forms.get(s, 0) + 1
     best = max(forms, key=lambda f: forms[f])  # max keeps the first of equal counts
     if numeric_value(best) is not None:
-        compact = best.replace(" ", "")
-        if _THOUSANDS.match(compact):
-            compact = compact.replace(",", "")
-        return compact
+        return compact_number(best)
     return best
 
 
@@ -469,9 +435,9 @@ def verifier_equivalence(
     None if the verifier is not importable (then grouping is by value/text only).
     """
     try:
-        from stillhouse.tasks.verify.verifier import score_samples
+        from stillhouse.tasks.verify.score import score_samples
     except ImportError:
-        log.warning("stillhouse.tasks.verify.verifier unavailable; majority votes group answers by value/text only")
+        log.warning("stillhouse.tasks.verify.score unavailable; majority votes group answers by value/text only")
         return None
     pairs = sorted({p for answers in answer_lists for p in _pairs_to_check(answers)})
     table: dict[tuple[str, str], bool] = {}
@@ -589,7 +555,7 @@ def synthesize(
     `seed` defaults to `sampling.seed`.
     """
     from stillhouse.tasks.prompts import harder_messages, similar_messages, solve_messages
-    from stillhouse.tasks.verify.verifier import extract_answer
+    from stillhouse.tasks.verify.extract import extract_answer
 
     verifier = verifier or VerifierConfig()
     base_seed = sampling.seed if seed is None else seed

@@ -101,7 +101,7 @@ def test_full_build_is_deterministic(tmp_path, tutor_dir):
 
 def test_solves_simple_problems_sometimes(tutor):
     from stillhouse.tasks.backends.hf import build_requests, sampling_params
-    from stillhouse.tasks.verify.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
     problems = _problems(SIMPLE)
     sampling = SamplingConfig(n=N, temperature=0.7, max_new_tokens=48)
