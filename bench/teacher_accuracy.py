@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from stillhouse.tasks.backends.hf import HFBackend, build_requests, sampling_params
+    from stillhouse.tasks.backends.base import SamplingParams
+    from stillhouse.tasks.backends.hf import HFBackend
+    from stillhouse.tasks.prompts import solve_requests
     from stillhouse.tasks.sources import load_problems
     from stillhouse.tasks.verify.score import score_samples
 
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = HFBackend(model.name_or_path, dtype=model.dtype, device=model.device,
                         batch_size=sampling.batch_size, chat_template=model.chat_template,
                         revision=model.revision)
-    requests = build_requests(problems, n, sampling, cfg.prompts)
-    params = sampling_params(sampling)
+    requests = solve_requests(problems, n, sampling.seed, cfg.prompts)
+    params = SamplingParams.from_config(sampling)
     print(f"model={model.name_or_path} problems={len(problems)} samples={len(requests)} "
           f"T={params.temperature} top_p={params.top_p} max_new_tokens={params.max_new_tokens} "
           f"threads={torch.get_num_threads()}", flush=True)

@@ -46,7 +46,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stillhouse.tasks.config import LoraConfig, TrainingConfig  # noqa: E402
-from stillhouse.tasks.training.trainer import TrainExample, encode_examples, train_lora  # noqa: E402
+from stillhouse.tasks.training.data import TrainExample, encode_examples  # noqa: E402
+from stillhouse.tasks.training.trainer import train_lora  # noqa: E402
 
 
 def gsm_samples(tok, n: int, seed: int = 0) -> list[TrainExample]:
@@ -82,7 +83,7 @@ def gsm_samples(tok, n: int, seed: int = 0) -> list[TrainExample]:
 
 def model_dir(name: str, root: Path) -> Path:
     if name == "bench-llama":
-        from stillhouse.tasks.models.resolve import build_tiny_model
+        from stillhouse.tasks.models.tiny import build_tiny_model
 
         return build_tiny_model(root / "bench-llama", seed=0, vocab_size=2048, hidden_size=256, num_layers=4,
                                 num_heads=4, intermediate_size=768)
@@ -160,10 +161,10 @@ def run_trainer(base: Path, examples, cfg: TrainingConfig, lora: LoraConfig, ste
 def ours_first_batch_loss(base: Path, first, lora: LoraConfig, seed: int) -> float:
     import torch
 
-    from stillhouse.tasks.training.trainer import _load_base, _wrap_lora, batch_loss
+    from stillhouse.tasks.training.trainer import batch_loss, load_base, wrap_lora
 
     torch.manual_seed(seed)
-    model = _wrap_lora(_load_base(base, torch.float32, "cpu"), lora, None).eval()
+    model = wrap_lora(load_base(base, torch.float32, "cpu"), lora, None).eval()
     width = max(len(f["input_ids"]) for f in first)
     ids = torch.zeros((len(first), width), dtype=torch.long)
     mask = torch.zeros_like(ids)

@@ -50,12 +50,13 @@ def child(args: argparse.Namespace) -> None:
 
     from stillhouse.tasks.config import LoraConfig, TrainingConfig
     from stillhouse.tasks.models.resolve import resolve_model
-    from stillhouse.tasks.training.trainer import TrainExample, _load_base, train_lora
+    from stillhouse.tasks.training.data import TrainExample
+    from stillhouse.tasks.training.trainer import load_base, train_lora
 
     torch.set_num_threads(args.threads) if args.threads else None
     path = resolve_model(args.model)
     # RSS with the model loaded (the floor any training run starts from).
-    base = _load_base(path, torch.float32, "cpu")
+    base = load_base(path, torch.float32, "cpu")
     loaded_mb = _rss_mb()
     del base
     from transformers import AutoTokenizer

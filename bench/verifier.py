@@ -240,7 +240,7 @@ def _accuracy(decisions: list[bool], rows: list[Row], kind: str = "all") -> floa
 
 def _fast_path_share(rows: list[Row]) -> str:
     """How much work the fast path and the per-call cache take off Math-Verify."""
-    from stillhouse.tasks.verify.equivalence import _quick_verdict, normalize_answer
+    from stillhouse.tasks.verify.equivalence import quick_verdict, normalize_answer
     from stillhouse.tasks.verify.extract import extract_answer
 
     slow = []
@@ -249,7 +249,7 @@ def _fast_path_share(rows: list[Row]) -> str:
         if ext.answer is None:
             continue
         key = (normalize_answer(ext.answer), normalize_answer(r.reference))
-        if _quick_verdict(*key) is None:
+        if quick_verdict(*key) is None:
             slow.append(key)
     return (f"fast path decides {len(rows) - len(slow)} rows; Math-Verify needed for {len(slow)} "
             f"rows = {len(set(slow))} distinct (answer, reference) pairs")

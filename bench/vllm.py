@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def pick_model(tiny: bool, work: Path) -> str:
     """The prepared SmolLM2-135M-Instruct (prepared now if the packaged GGUF is installed), else tiny."""
-    from stillhouse.tasks.models.resolve import SMOLLM2_NAME, build_tiny_model, resolve_model
+    from stillhouse.tasks.models.prepared import SMOLLM2_NAME
+    from stillhouse.tasks.models.resolve import resolve_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     if not tiny:
         try:

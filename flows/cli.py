@@ -34,7 +34,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    from stillhouse.tasks.models.resolve import prepare_model
+    from stillhouse.tasks.models.prepared import prepare_model
 
     path = prepare_model(args.name, Path(args.out))
     print(path)
@@ -42,7 +42,7 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
-    from stillhouse.tasks.models.resolve import build_tiny_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     path = build_tiny_model(Path(args.out), seed=args.seed)
     print(path)

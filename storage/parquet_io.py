@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import date, datetime
@@ -99,6 +100,17 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def publish_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move a finished temp folder (a sibling of `path`) into place: a folder is either absent,
+    the old one or the new one, never half written (os.replace is atomic on one filesystem)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
     return path
 
 

@@ -378,7 +378,8 @@ def train_student(
     """LoRA fine-tune the student on the round's version with the weighted loss."""
     from stillhouse.tasks.models.resolve import load_tokenizer
     from stillhouse.tasks.prompts import has_chat_template, render_prompt, solve_messages
-    from stillhouse.tasks.training.trainer import TrainExample, finished_result, train_lora
+    from stillhouse.tasks.training.data import TrainExample
+    from stillhouse.tasks.training.trainer import finished_result, train_lora
 
     init = previous.path if (previous is not None and cfg.training.init == "previous") else None
     key = parquet_io.content_hash(

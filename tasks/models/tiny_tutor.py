@@ -10,7 +10,7 @@ template, eos <|im_end|>; hidden size 64, ~0.2M parameters) trained from scratch
   "3 * 4 = 12. 12 - 5 = \\boxed{7}.";
 - harder / similar prompt + a parent problem (one of ours, or a longer GSM8K-like story)
   -> "Problem: <a new two-step (harder) or one-step (similar) word problem>?" with new names and
-  numbers: stillhouse.tasks.synthesis.synthesize.parse_generated_problem accepts it and it is no copy of the parent;
+  numbers: stillhouse.tasks.synthesis.parse.parse_generated_problem accepts it and it is no copy of the parent;
 - bare facts ("What is 8 + 6?") that drill the arithmetic.
 
 What it learns is deliberately a smoke-scale skill: it copies the numbers and usually picks the
@@ -42,9 +42,10 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.tasks.config import PromptsConfig
-from stillhouse.tasks.models.resolve import TUTOR_NAME
 
 log = logging.getLogger(__name__)
+
+TUTOR_NAME = "tiny-tutor"
 
 # Bump when the corpus, tokenizer or training loop changes: a cached folder with another version
 # is rebuilt.
@@ -273,13 +274,13 @@ def tutor_conversations(seed: int, n_solve: int = 5000, n_write: int = 800, n_dr
       another phrasing -> '<a> <op> <b> = \\boxed{<answer>}.';
     - n_write harder / similar prompts whose parent is one of our problems or a longer story ->
       'Problem: <a new two-step (harder) or one-step (similar) problem>', checked to pass
-      stillhouse.tasks.synthesis.synthesize.parse_generated_problem against its parent;
+      stillhouse.tasks.synthesis.parse.parse_generated_problem against its parent;
     - n_drill bare facts ('What is 8 + 6?'): a few tokens each, they drill the arithmetic in the
       very context the rationale uses it ('8 + 6 = \\boxed{').
     """
     from stillhouse.tasks.config import SynthesisConfig
     from stillhouse.tasks.prompts import harder_messages, similar_messages, solve_messages
-    from stillhouse.tasks.synthesis.synthesize import parse_generated_problem
+    from stillhouse.tasks.synthesis.parse import parse_generated_problem
 
     prompts = prompts or PromptsConfig()
     alt = [prompts.model_copy(update={"solve": s}) for s in _ALT_SOLVE]
@@ -320,7 +321,7 @@ def _train_tokenizer(texts: list[str], vocab_size: int, max_length: int):
     text, so a small number is one token wherever it stands ("has 17", "= 17", "{17}"): copying it
     from the question is one attention step. Larger numbers split into pieces.
     """
-    from stillhouse.tasks.models.resolve import train_chat_tokenizer
+    from stillhouse.tasks.models.tiny import train_chat_tokenizer
 
     numbers = " ".join(str(i) for i in range(NUMBER_TOKENS))
     return train_chat_tokenizer(texts + [numbers] * 50, vocab_size, max_length, split_digits=True)
@@ -384,7 +385,8 @@ def build_tiny_tutor(
     the corpus was rendered with, so editing them rebuilds), the loss and the build time; a folder
     whose manifest spec matches is returned as is. Takes ~40-50 s on a free core.
     """
-    from stillhouse.tasks.models.resolve import TINY_SPECIAL_TOKENS, _publish, _read_manifest, _tmp_sibling
+    from stillhouse.tasks.models.publish import publish, read_manifest, tmp_sibling
+    from stillhouse.tasks.models.tiny import TINY_SPECIAL_TOKENS
 
     out_dir = Path(out_dir)
     if hidden_size % num_heads or hidden_size // num_heads != 64:
@@ -398,7 +400,7 @@ def build_tiny_tutor(
         "max_train_tokens": max_train_tokens, "question_weight": question_weight,
         "prompts": _prompts_digest(PromptsConfig()),
     }
-    if (_read_manifest(out_dir) or {}).get("spec") == spec:
+    if (read_manifest(out_dir) or {}).get("spec") == spec:
         return out_dir
 
     import torch
@@ -465,7 +467,7 @@ def build_tiny_tutor(
     tail = losses[-20:]
     log.info("built %s in %.1f s (loss %.3f -> %.3f)", TUTOR_NAME, seconds, losses[0], sum(tail) / len(tail))
 
-    tmp = _tmp_sibling(out_dir)
+    tmp = tmp_sibling(out_dir)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -474,7 +476,7 @@ def build_tiny_tutor(
             "loss_first": round(losses[0], 4), "loss_last": round(sum(tail) / len(tail), 4),
             "build_seconds": round(seconds, 1),
         }
-        return _publish(tmp, out_dir, manifest)
+        return publish(tmp, out_dir, manifest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

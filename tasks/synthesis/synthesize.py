@@ -24,20 +24,19 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from stillhouse.tasks.backends.base import Backend, Progress, SampleRequest, SamplingParams, derive_seed
 from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
 from stillhouse.tasks.problems import Problem, normalize_question
-from stillhouse.tasks.verify.numbers import compact_number, numeric_value, strip_answer
+from stillhouse.tasks.synthesis.dedup import ContaminationIndex, DedupIndex
+from stillhouse.tasks.synthesis.parse import PARSE_REASONS, parse_generated_problem
+from stillhouse.tasks.synthesis.vote import verifier_equivalence, vote
 
 log = logging.getLogger(__name__)
 
 # Drop reasons, in the order the checks run. `SynthesisResult.dropped` always has every key.
-PARSE_REASONS = ("empty", "too_short", "too_long", "not_a_question", "copy_of_parent")
 DROP_REASONS = PARSE_REASONS + (
     "contaminated",
     "duplicate_pool",
@@ -45,442 +44,6 @@ DROP_REASONS = PARSE_REASONS + (
     "no_agreement",
     "over_cap",
 )
-
-# --------------------------------------------------------------------------- word n-grams
-
-_WORD = re.compile(r"\w+")
-
-
-def words(text: str) -> list[str]:
-    """Case-folded word/number tokens; punctuation and markup are ignored."""
-    return _WORD.findall(text.casefold())
-
-
-def word_ngrams(text: str | list[str], n: int) -> frozenset[tuple[str, ...]]:
-    """The set of word n-grams; a text shorter than n words is one gram (so it stays comparable)."""
-    toks = words(text) if isinstance(text, str) else text
-    if not toks:
-        return frozenset()
-    if len(toks) < n:
-        return frozenset([tuple(toks)])
-    return frozenset(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
-
-
-def jaccard(a: frozenset, b: frozenset) -> float:
-    if not a and not b:
-        return 1.0
-    inter = len(a & b)
-    return inter / (len(a) + len(b) - inter)
-
-
-@dataclass(frozen=True)
-class DuplicateMatch:
-    key: str  # id of the problem it duplicates
-    kind: str  # "exact" or "near"
-    score: float  # Jaccard overlap (1.0 for exact)
-
-
-class DedupIndex:
-    """Exact and near-duplicate lookup over a growing set of questions.
-
-    Exact: equal `normalize_question`. Near: word n-gram Jaccard >= threshold, found through an
-    inverted index gram -> keys, so a query only scores the questions it shares a gram with (cheap
-    for pools of thousands of problems; no MinHash needed at that size).
-    """
-
-    def __init__(self, n: int, threshold: float):
-        self.n = n
-        self.threshold = threshold
-        self._exact: dict[str, str] = {}
-        self._grams: dict[str, frozenset] = {}
-        self._inverted: dict[tuple[str, ...], list[str]] = {}
-
-    def __len__(self) -> int:
-        return len(self._grams)
-
-    def add(self, key: str, text: str) -> None:
-        if key in self._grams:
-            return
-        self._exact.setdefault(normalize_question(text), key)
-        grams = word_ngrams(text, self.n)
-        self._grams[key] = grams
-        for g in grams:
-            self._inverted.setdefault(g, []).append(key)
-
-    def add_all(self, items: Iterable[tuple[str, str]]) -> DedupIndex:
-        for key, text in items:
-            self.add(key, text)
-        return self
-
-    def match(self, text: str) -> DuplicateMatch | None:
-        """The indexed question this one duplicates (the closest one), or None."""
-        hit = self._exact.get(normalize_question(text))
-        if hit is not None:
-            return DuplicateMatch(hit, "exact", 1.0)
-        grams = word_ngrams(text, self.n)
-        if not grams:
-            return None
-        shared: dict[str, int] = {}
-        for g in grams:
-            for key in self._inverted.get(g, ()):
-                shared[key] = shared.get(key, 0) + 1
-        best: DuplicateMatch | None = None
-        for key, inter in shared.items():
-            score = inter / (len(grams) + len(self._grams[key]) - inter)
-            if score >= self.threshold and (best is None or score > best.score):
-                best = DuplicateMatch(key, "near", score)
-        return best
-
-
-class ContaminationIndex:
-    """Every word n-gram of the eval problems; a candidate sharing one of them is contaminated.
-
-    An eval question shorter than n words is kept whole and matched as a contiguous run of the
-    candidate's words; an exact (normalize_question) copy is caught whatever its length.
-    """
-
-    def __init__(self, eval_items: Iterable[tuple[str, str]], n: int):
-        self.n = n
-        self._grams: dict[tuple[str, ...], str] = {}
-        self._short: dict[int, dict[tuple[str, ...], str]] = {}  # length -> whole question -> id
-        self._exact: dict[str, str] = {}
-        for key, text in eval_items:
-            self._exact.setdefault(normalize_question(text), key)
-            toks = words(text)
-            if not toks:
-                continue
-            if len(toks) < n:
-                self._short.setdefault(len(toks), {}).setdefault(tuple(toks), key)
-                continue
-            for i in range(len(toks) - n + 1):
-                self._grams.setdefault(tuple(toks[i : i + n]), key)
-
-    @classmethod
-    def from_problems(cls, problems: Iterable[Problem], n: int) -> ContaminationIndex:
-        return cls(((p.id, p.question) for p in problems), n)
-
-    def match(self, text: str) -> str | None:
-        """The id of an eval problem sharing an n-gram with `text`, or None."""
-        hit = self._exact.get(normalize_question(text))
-        if hit is not None:
-            return hit
-        toks = words(text)
-        for i in range(len(toks) - self.n + 1):
-            hit = self._grams.get(tuple(toks[i : i + self.n]))
-            if hit is not None:
-                return hit
-        for length, wholes in self._short.items():
-            for i in range(len(toks) - length + 1):
-                hit = wholes.get(tuple(toks[i : i + length]))
-                if hit is not None:
-                    return hit
-        return None
-
-
-# --------------------------------------------------------------------------- parsing
-
-_THINK = re.compile(r"<think>.*?</think>", re.S | re.I)
-_FENCE = re.compile(r"```[\w+-]*[ \t]*\n?")
-_PROBLEM_WORDS = r"(?:(?:new|harder|similar|modified|revised|rewritten|variant|updated|final|math|word)[ \t]+)*(?:problem|question)(?:[ \t]*\#?\d+)?"
-# "Problem:", "**New problem:**", "### Harder Problem", "Question 1:" at the start of a line.
-_PROBLEM_MARKER = re.compile(
-    r"(?im)^[ \t>]*(?:"
-    rf"(?:\#+[ \t]*)?(?:\*\*|__)?[ \t]*{_PROBLEM_WORDS}[ \t]*(?:\*\*|__)?[ \t]*:[ \t]*(?:\*\*|__)?"
-    rf"|(?:\#+[ \t]*|\*\*|__)[ \t]*{_PROBLEM_WORDS}[ \t]*(?:\*\*|__)?[ \t]*$"
-    r")"
-)
-_SECTION_WORDS = (
-    r"(?:step[- ]by[- ]step[ \t]+)?(?:solution|solutions|answer|final[ \t]+answer|explanation|"
-    r"reasoning|steps?(?:[ \t]*\d+)?|notes?|hints?|working|original[ \t]+problem|difficulty|changes|"
-    r"rationale|why[ \t]+(?:it|this)[ \t]+is[ \t]+harder|verification)"
-)
-# "Solution (step by step):", "Answer to the new problem:"
-_SECTION_TAIL = (
-    r"(?:[ \t]*\([^)\n]{0,30}\))?"
-    r"(?:[ \t]+(?:to|for|of)[ \t]+(?:the[ \t]+)?(?:(?:new|harder|above|this)[ \t]+)?(?:problem|question))?"
-)
-# A trailing section starts a line: "Solution:", "**Answer:** 42", "### Solution", "#### 42".
-_TRAILER = re.compile(
-    r"(?im)^[ \t>]*(?:"
-    rf"(?:\#+[ \t]*)?(?:\*\*|__)?[ \t]*{_SECTION_WORDS}\b{_SECTION_TAIL}(?:\*\*|__)?[ \t]*:"
-    rf"|(?:\#+[ \t]*|\*\*|__)[ \t]*{_SECTION_WORDS}\b"
-    r"|\#\#\#\#[ \t]*[-+$\d]"
-    r")"
-)
-# ... or follows a sentence on the same line: "How many apples? Answer: 12".
-_INLINE_TRAILER = re.compile(
-    r"(?i)(?<=[.?!)])[ \t]*(?:\*\*|__)?(?:solution|answer|final[ \t]+answer)(?:\*\*|__)?[ \t]*:"
-)
-_CHATTER = re.compile(
-    r"(?i)^(?:sure|certainly|of course|okay|ok|absolutely|great|alright|here(?:'s|’s| is| are)|"
-    r"below is|i(?:'d|’d| would| will|'ll|’ll| have| can)|let me|let's|let’s)\b"
-)
-_INTRO_LINE = re.compile(r"(?i)^[^\n?]{0,120}\b(?:version|problem|question|variant)\b[^\n?]{0,40}:\s*$")
-_ASKS = re.compile(
-    r"(?i)(?:^|[.!:;\n]\s*|\b(?:then|and|so)\s+)(?:\*\*)?"
-    r"(?:find|compute|calculate|determine|evaluate|solve|simplify|express|show|prove|give|estimate|"
-    r"work out|figure out|count|convert|what|how|which)\b"
-)
-_QUOTES = {'"': '"', "'": "'", "“": "”", "‘": "’"}
-
-
-def _first_match_start(text: str, *patterns: re.Pattern, start: int = 0) -> int | None:
-    found = [m.start() for p in patterns if (m := p.search(text, start))]
-    return min(found) if found else None
-
-
-def _drop_leading_chatter(text: str) -> str:
-    """Remove 'Sure! Here is a harder version:' lines before the problem itself."""
-    lines = text.split("\n")
-    while lines:
-        line = lines[0].strip()
-        if not line:
-            lines.pop(0)
-            continue
-        if _CHATTER.match(line):
-            # "Sure! Here's the problem: A train ..." -> keep what follows the colon.
-            head, colon, rest = line.partition(":")
-            if colon and rest.strip() and "?" not in head:
-                lines[0] = rest
-                continue
-            if line.endswith(":") or "?" not in line:
-                lines.pop(0)
-                continue
-        elif _INTRO_LINE.match(line):
-            lines.pop(0)
-            continue
-        break
-    return "\n".join(lines)
-
-
-def clean_generated_text(text: str) -> str:
-    """The problem statement inside a teacher's reply (may be empty); no checks."""
-    if not text:
-        return ""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _THINK.sub("", text)
-    if "</think>" in text.lower():  # the opening tag was part of the prompt
-        text = text[text.lower().rfind("</think>") + len("</think>") :]
-    if "<think>" in text.lower():  # thinking never finished: nothing after it is a problem
-        text = text[: text.lower().find("<think>")]
-    text = _FENCE.sub("", text).replace("```", "")
-    marker = _PROBLEM_MARKER.search(text)
-    if marker:
-        text = text[marker.end() :]
-        # A second "Problem:" means the model wrote several; keep the first.
-        nxt = _PROBLEM_MARKER.search(text)
-        if nxt and text[: nxt.start()].strip():
-            text = text[: nxt.start()]
-    else:
-        text = _drop_leading_chatter(text)
-    cut = _first_match_start(text, _TRAILER, _INLINE_TRAILER)
-    if cut is not None:
-        text = text[:cut]
-    # Markdown that is formatting, not content (LaTeX `$...$` is content and stays).
-    text = text.replace("**", "").replace("__", "")
-    lines = [re.sub(r"^[ \t]*(?:#+|>)[ \t]*", "", ln) for ln in text.split("\n")]
-    lines = [re.sub(r"[ \t]+", " ", ln).strip() for ln in lines]
-    text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-    if len(text) >= 2 and text[0] in _QUOTES and text[-1] == _QUOTES[text[0]]:
-        text = text[1:-1].strip()
-    return text
-
-
-def looks_like_question(text: str) -> bool:
-    """A question mark, or a sentence that starts with Find/Compute/How/What/... ."""
-    return "?" in text or bool(_ASKS.search(text))
-
-
-def parse_generated_problem(
-    text: str | None, parent_question: str, cfg: SynthesisConfig
-) -> tuple[str | None, str | None]:
-    """(question, None) for a usable problem, else (None, reason) with reason in PARSE_REASONS."""
-    question = clean_generated_text(text or "")
-    if not question:
-        return None, "empty"
-    if len(question) < cfg.min_question_chars:
-        return None, "too_short"
-    if len(question) > cfg.max_question_chars:
-        return None, "too_long"
-    if not looks_like_question(question):
-        return None, "not_a_question"
-    if words(question) == words(parent_question) or jaccard(
-        word_ngrams(question, cfg.dedup_ngram), word_ngrams(parent_question, cfg.dedup_ngram)
-    ) >= cfg.dedup_threshold:
-        return None, "copy_of_parent"
-    return question, None
-
-
-# --------------------------------------------------------------------------- majority vote
-
-def _fast_clusters(answers: list[str | None]) -> dict[tuple[str, Any], list[int]]:
-    """Group answers by exact numeric value (plain numbers) or by whitespace/case-free text.
-
-    key -> member indices, keys in order of first appearance (deterministic). None/blank skipped.
-    """
-    clusters: dict[tuple[str, Any], list[int]] = {}
-    for i, a in enumerate(answers):
-        if a is None or not strip_answer(a):
-            continue
-        val = numeric_value(a)
-        if val is not None:
-            key: tuple[str, Any] = ("num", val)
-        else:
-            key = ("txt", re.sub(r"\s+", "", strip_answer(a)).casefold())
-        clusters.setdefault(key, []).append(i)
-    return clusters
-
-
-def _pairs_to_check(answers: list[str | None]) -> list[tuple[str, str]]:
-    """The representative pairs `vote` may ask `equivalent` about (not both plain numbers)."""
-    clusters = _fast_clusters(answers)
-    keys = list(clusters)
-    reps = [answers[clusters[k][0]] for k in keys]
-    return [
-        (reps[i], reps[j])
-        for i in range(len(keys))
-        for j in range(i + 1, len(keys))
-        if not (keys[i][0] == "num" and keys[j][0] == "num")
-    ]
-
-
-@dataclass(frozen=True)
-class Vote:
-    answer: str | None  # the reference, or None when no cluster reaches the threshold (or a tie)
-    agreement: float  # share of ALL samples in the largest cluster (None answers count against)
-    in_majority: tuple[bool, ...]  # per sample: does it hold the majority answer
-    clusters: int  # distinct answers after grouping equivalents
-    tie: bool  # two clusters share the top count
-
-
-def vote(
-    answers: list[str | None],
-    threshold: float,
-    *,
-    equivalent: Callable[[str, str], bool] | None = None,
-) -> Vote:
-    """Group equivalent answers and elect the largest group.
-
-    Grouping is exact numeric value for plain numbers, else whitespace/case-insensitive text; then
-    `equivalent(a, b)` (e.g. the verifier's Math-Verify check) may merge groups where at least one
-    side is not a plain number. A tie for the top group elects nothing: picking either would be a
-    coin flip presented as a reference answer.
-    """
-    n = len(answers)
-    clusters = _fast_clusters(answers)
-    keys = list(clusters)
-    if equivalent is not None and len(keys) > 1:
-        parent = list(range(len(keys)))
-
-        def find(x: int) -> int:
-            while parent[x] != x:
-                parent[x] = parent[parent[x]]
-                x = parent[x]
-            return x
-
-        for i in range(len(keys)):
-            for j in range(i + 1, len(keys)):
-                if keys[i][0] == "num" and keys[j][0] == "num":
-                    continue  # both exact numbers: their values already decided it
-                if find(i) == find(j):
-                    continue
-                a = answers[clusters[keys[i]][0]]
-                b = answers[clusters[keys[j]][0]]
-                try:
-                    same = equivalent(a, b)
-                except Exception:  # a verifier failure means "not shown equal"
-                    log.debug("equivalence check failed for %r vs %r", a, b, exc_info=True)
-                    same = False
-                if same:
-                    parent[find(j)] = find(i)
-        merged: dict[int, list[int]] = {}
-        for idx, key in enumerate(keys):
-            merged.setdefault(find(idx), []).extend(clusters[key])
-        groups = [sorted(m) for m in merged.values()]
-    else:
-        groups = [clusters[k] for k in keys]
-    if not groups or n == 0:
-        return Vote(None, 0.0, tuple(False for _ in answers), 0, False)
-    groups.sort(key=lambda g: (-len(g), g[0]))
-    top = groups[0]
-    agreement = len(top) / n
-    tie = len(groups) > 1 and len(groups[1]) == len(top)
-    members = set(top)
-    in_majority = tuple(i in members for i in range(n))
-    if tie or agreement < threshold - 1e-9:
-        return Vote(None, agreement, in_majority if not tie else tuple(False for _ in answers), len(groups), tie)
-    return Vote(_representative([answers[i] for i in top]), agreement, in_majority, len(groups), False)
-
-
-def _representative(members: list[str]) -> str:
-    """The group's most common surface form (first seen on ties); plain numbers lose commas/$."""
-    forms: dict[str, int] = {}
-    for a in members:
-        s = strip_answer(a)
-        forms[s] = forms.get(s, 0) + 1
-    best = max(forms, key=lambda f: forms[f])  # max keeps the first of equal counts
-    if numeric_value(best) is not None:
-        return compact_number(best)
-    return best
-
-
-def verifier_equivalence(
-    answer_lists: Iterable[list[str | None]], *, timeout_s: float = 5.0, workers: int | None = 0
-) -> Callable[[str, str], bool] | None:
-    """An `equivalent(a, b)` for `vote`, decided up front by the verifier for every pair that the
-    votes over `answer_lists` can ask about, in one `score_samples` call.
-
-    Going through score_samples (not answers_match in this process) keeps Math-Verify in worker
-    processes when workers >= 1, where its time limit works even if we run on a Prefect thread.
-    None if the verifier is not importable (then grouping is by value/text only).
-    """
-    try:
-        from stillhouse.tasks.verify.score import score_samples
-    except ImportError:
-        log.warning("stillhouse.tasks.verify.score unavailable; majority votes group answers by value/text only")
-        return None
-    pairs = sorted({p for answers in answer_lists for p in _pairs_to_check(answers)})
-    table: dict[tuple[str, str], bool] = {}
-    if pairs:
-        # The answers are already extracted: box one side so the verifier extracts it verbatim.
-        results = score_samples(
-            [("\\boxed{" + a + "}", b) for a, b in pairs],
-            last_number_fallback=False,
-            timeout_s=timeout_s,
-            workers=workers,
-        )
-        for pair, res in zip(pairs, results, strict=True):
-            table[pair] = bool(res.correct)
-            if res.error:
-                log.debug("equivalence %r vs %r: %s", pair[0], pair[1], res.error)
-
-    def equivalent(a: str, b: str) -> bool:
-        return table.get((a, b), False) or table.get((b, a), False)
-
-    return equivalent
-
-
-def majority_answer(
-    extracted_answers: list[str | None],
-    threshold: float,
-    *,
-    use_verifier: bool = True,
-    timeout_s: float = 5.0,
-    workers: int | None = 0,
-) -> tuple[str | None, float]:
-    """(majority answer or None, agreement); agreement = share of ALL samples holding it.
-
-    None answers count as disagreeing. Kept only if agreement >= threshold and there is no tie.
-    With `use_verifier`, groups that are not both plain numbers are merged when the verifier
-    (Math-Verify, via score_samples with `workers`; 0 = in process) says they are equal.
-    """
-    equivalent = (
-        verifier_equivalence([extracted_answers], timeout_s=timeout_s, workers=workers)
-        if use_verifier
-        else None
-    )
-    v = vote(extracted_answers, threshold, equivalent=equivalent)
-    return v.answer, v.agreement
 
 
 # --------------------------------------------------------------------------- teacher-driven
@@ -608,6 +171,7 @@ def synthesize(
             "problem_id": None,
             "answer": None,
             "agreement": None,
+            "votes": None,
         }
         records.append(rec)
         question, reason = parse_generated_problem(comp.text, parent.question, cfg)
@@ -637,12 +201,7 @@ def synthesize(
         solve_requests.extend(
             SampleRequest(key, i, msgs, derive_seed(base_seed, key, i)) for i in range(k)
         )
-    solve_params = SamplingParams(
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        max_new_tokens=sampling.max_new_tokens,
-        stop=tuple(sampling.stop),
-    )
+    solve_params = SamplingParams.from_config(sampling)
     solves = teacher_backend.sample(solve_requests, solve_params, progress) if solve_requests else []
     if len(solves) != len(solve_requests):
         raise RuntimeError(
@@ -667,6 +226,7 @@ def synthesize(
         group_ext = extractions[c_idx * k : (c_idx + 1) * k]
         v = vote(answer_lists[c_idx], cfg.agreement_threshold, equivalent=equivalent)
         rec["agreement"] = v.agreement
+        rec["votes"] = list(answer_lists[c_idx])  # the teacher's extracted answers, in sample order
         if v.answer is None:
             why = "tie" if v.tie else f"agreement {v.agreement:.2f} < {cfg.agreement_threshold}"
             drop(rec, "no_agreement", f"{why}; {v.clusters} distinct answers of {k}")

@@ -168,7 +168,7 @@ def _sequences_equal(a: tuple[str, tuple], b: tuple[str, tuple]) -> bool | None:
     )
 
 
-def _quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
+def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
     """Decide without sympy when possible (both arguments normalised). None = needs Math-Verify."""
     if not ref:
         return False, "empty reference"
@@ -384,7 +384,7 @@ def answers_match(
     there is no time limit, see module docstring).
     """
     pred, ref = normalize_answer(predicted), normalize_answer(reference)
-    quick = _quick_verdict(pred, ref)
+    quick = quick_verdict(pred, ref)
     if quick is not None:
         return quick
     return _symbolic_match(pred, ref, timeout_s)

@@ -47,7 +47,7 @@ from typing import Any
 from stillhouse.tasks.verify.equivalence import (
     ItemTimeout,
     _parse,
-    _quick_verdict,
+    quick_verdict,
     _symbolic_match,
     answers_match,
     normalize_answer,
@@ -154,7 +154,7 @@ def score_samples(
             results[i] = VerifyResult(None, False, ext.format_ok, ext.error, ext.method)
             continue
         key = (normalize_answer(ext.answer), normalize_answer(reference))
-        quick = _quick_verdict(*key)
+        quick = quick_verdict(*key)
         if quick is not None:
             results[i] = VerifyResult(ext.answer, quick[0], ext.format_ok, quick[1], ext.method)
         elif cache and key in index:

@@ -15,18 +15,18 @@ import pytest
 from stillhouse.tasks.backends.base import Completion
 from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig
 from stillhouse.tasks.problems import Problem
-from stillhouse.tasks.synthesis.synthesize import (
-    DROP_REASONS,
-    ContaminationIndex,
-    DedupIndex,
-    jaccard,
-    majority_answer,
-    numeric_value,
-    parse_generated_problem,
-    synthesize,
-    vote,
-    word_ngrams,
-)
+from stillhouse.tasks.synthesis.dedup import ContaminationIndex, DedupIndex, jaccard, word_ngrams
+from stillhouse.tasks.synthesis.parse import parse_generated_problem
+from stillhouse.tasks.synthesis.synthesize import DROP_REASONS, synthesize
+from stillhouse.tasks.synthesis.vote import verifier_equivalence, vote
+from stillhouse.tasks.verify.numbers import numeric_value
+
+
+def majority_answer(answers, threshold, *, use_verifier=True, workers=0):
+    """(answer, agreement) as synthesize() votes: value/text groups, merged by the verifier."""
+    equivalent = verifier_equivalence([answers], workers=workers) if use_verifier else None
+    v = vote(answers, threshold, equivalent=equivalent)
+    return v.answer, v.agreement
 
 pytestmark = pytest.mark.unit
 
