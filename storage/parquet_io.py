@@ -22,7 +22,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path, PurePath
 from typing import Any
@@ -171,6 +171,27 @@ def cached_path(cache_dir: str | os.PathLike[str], step: str, key_hash: str) -> 
     return Path(cache_dir) / step / key_hash
 
 
+def cached_output(
+    cache_dir: str | os.PathLike[str],
+    step: str,
+    key: str,
+    compute: Callable[[Path], Mapping[str, Any] | None],
+) -> tuple[Path, bool]:
+    """A step's content-addressed output folder, complete: found on disk, or made now.
+
+    key -> cached folder -> `compute(folder)` writes the files and returns the manifest's meta only
+    if the folder is incomplete -> manifest written last. Returns (folder, computed); read it back
+    with `read_output` / `read_manifest`.
+    """
+    out = cached_path(cache_dir, step, key[:32])
+    if is_complete(out):
+        return out, False
+    out.mkdir(parents=True, exist_ok=True)
+    meta = compute(out)
+    write_manifest(out, meta=meta)
+    return out, True
+
+
 def write_manifest(
     out_dir: str | os.PathLike[str],
     files: Iterable[str] | None = None,
@@ -239,6 +260,11 @@ def read_output(out_dir: str | os.PathLike[str]) -> pa.Table:
     if not names:
         raise FileNotFoundError(f"{out_dir}: manifest lists no Parquet files")
     return pa.concat_tables([pq.read_table(out_dir / n) for n in names])
+
+
+def read_parquet(path: str | os.PathLike[str]) -> pa.Table:
+    """One Parquet file of an output folder (when a folder holds more than one kind of table)."""
+    return pq.read_table(path)
 
 
 # --------------------------------------------------------------------------- shards

@@ -144,3 +144,9 @@ class ResumableBackend:
             self._backend.close()
             self._backend = None
 
+    def __enter__(self) -> ResumableBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

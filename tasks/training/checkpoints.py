@@ -26,7 +26,7 @@ _KEEP_CHECKPOINTS = 2
 # --------------------------------------------------------------------------- checkpoints
 
 
-def fingerprint(base_model_path, examples: Sequence[TrainExample], cfg: TrainingConfig, lora: LoraConfig,
+def inputs_fingerprint(base_model_path, examples: Sequence[TrainExample], cfg: TrainingConfig, lora: LoraConfig,
                  init_adapter, negative: str, prompt_special_tokens: bool | None) -> str:
     h = hashlib.sha256()
     head = {

@@ -60,7 +60,7 @@ from stillhouse.tasks.training.checkpoints import (
     MANIFEST_FILE,
     CHECKPOINTS_DIR,
     complete_checkpoints,
-    fingerprint,
+    inputs_fingerprint,
     load_checkpoint,
     save_adapter,
     save_checkpoint,
@@ -249,7 +249,7 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     examples = load_examples(examples)
-    fingerprint = fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
+    fingerprint = inputs_fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
 
     metrics_path = out_dir / METRICS_FILE
     if metrics_path.is_file() and (out_dir / ADAPTER_DIR).is_dir():

@@ -116,6 +116,16 @@ def test_two_rounds_complete_with_versions_and_lineage(smoke_run):
             assert p["round_introduced"] == 1
         diff = cat.diff(0, 1)
         assert sorted(diff.problems_added) == sorted(p["problem_id"] for p in new)
+        # Every problem the teacher wrote is recorded, kept or dropped with its reason.
+        records = cat.synthesis_records(0).to_pylist()
+        assert len(records) == history[0]["synth_generated"]
+        assert sorted(r["problem_id"] for r in records if r["status"] == "kept") == sorted(p["problem_id"] for p in new)
+        dropped = [r for r in records if r["status"] == "dropped"]
+        by_reason = {k: v for k, v in history[0]["synth_dropped"].items() if v}
+        assert {r: sum(d["reason"] == r for d in dropped) for r in by_reason} == by_reason
+        assert diff.dropped_by_reason == by_reason
+        assert sorted(d["generation_key"] for d in diff.dropped) == sorted(r["generation_key"] for r in dropped)
+        assert all(r["reply"] and r["parent_id"] and r["operation"] in ("harder", "similar") for r in records)
         weights = cat.samples_for_round(0)["weight"].to_pylist()
         assert len(weights) == rounds[0].samples
     summary = json.loads((Path(cfg.workdir) / "rounds" / "round-1.json").read_text())
@@ -203,6 +213,9 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     cli("report", cfg.workdir)
     html = (Path(cfg.workdir) / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+    if diff["dropped"]:  # the report says why synthesized problems were dropped
+        md = (Path(cfg.workdir) / "report" / "report.md").read_text()
+        assert "Dropped synthesized problems" in md and diff["dropped"][0]["reason"] in md
 
 
 # --------------------------------------------------------------------------- kill and resume

@@ -21,7 +21,7 @@ import pytest
 from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
 from stillhouse.tasks.config import ModelConfig
 from stillhouse.tasks.backends.openai import OpenAIBackend, OpenAIBackendError, _retry_after_s
-from stillhouse.tasks.steps import BACKENDS
+from stillhouse.tasks.backends.open import BACKENDS
 
 pytestmark = pytest.mark.integration
 

@@ -209,7 +209,7 @@ def test_student_eval_lora_request_equals_hf_peft(vllm_model_dir, vllm_python, v
                                                    hf, tmp_path):
     """The student path of a round: BACKENDS['vllm'](model, batch, adapter) -> LoRARequest, unmerged;
     hf merges the same adapter. Greedy answers must agree, and differ from the base model's."""
-    from stillhouse.tasks.steps import BACKENDS
+    from stillhouse.tasks.backends.open import BACKENDS
 
     model = ModelConfig(
         name_or_path=str(vllm_model_dir), backend="vllm", vllm_python=str(vllm_python),
