@@ -72,3 +72,46 @@ def test_the_vllm_worker_imports_only_the_standard_library_pyarrow_and_vllm():
     # It runs as `python -m tasks.backends.vllm_worker`: the packages above it import nothing.
     for init in (ROOT / "tasks" / "__init__.py", ROOT / "tasks" / "backends" / "__init__.py"):
         assert not _imports(init)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return "stillhouse." + ".".join(parts)
+
+
+def test_no_import_circles():
+    """Module-level and function-level imports alike: a circle hidden inside a function is still one."""
+    modules = {_module_name(f): f for top in TOP for f in (ROOT / top).rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imported in _imports(path):
+            # `from stillhouse.tasks.verify import score` names a module; `from x.y import f` a function
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                deps.add(imported)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & set(modules)
+        # A module's own packages are imported before it whatever it imports: not an edge.
+        graph[name] = {d for d in deps if d != name and not name.startswith(d + ".")}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
