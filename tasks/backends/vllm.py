@@ -240,7 +240,7 @@ class VLLMBackend:
         engine_args: extra keyword arguments for vllm.LLM (enforce_eager, max_num_seqs, ...).
         shard_size: requests per shard file; None = one shard per engine per call (fastest).
         cleanup: delete a call's shard files once it returned (when a caller caches results itself,
-            as round_steps' ResumableBackend does).
+            as open_backend's ResumableBackend does).
         env: extra environment variables for the workers.
         """
         from stillhouse.tasks.models.resolve import load_tokenizer, resolve_model
