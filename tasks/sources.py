@@ -149,11 +149,6 @@ def _load(cfg: SourceConfig, seen: dict[str, Problem]) -> tuple[list[Problem], l
     return [p for _, p in entries], skipped
 
 
-def load_source(cfg: SourceConfig) -> LoadResult:
-    """One source's problems (deduplicated by id, first wins) and the rows it skipped."""
-    return LoadResult(*_load(cfg, {}))
-
-
 def load_problems(sources: list[SourceConfig]) -> LoadResult:
     """All sources in order, deduplicated by id across sources (the first source wins)."""
     result, seen = LoadResult(), {}

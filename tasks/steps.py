@@ -93,7 +93,7 @@ def seed_problems(cfg: RunConfig) -> StepResult:
     with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
-    n_eval = sum(p.split == "eval" for p in loaded.problems)
+    n_eval = len(loaded.of_split("eval"))
     return StepResult(
         "seed", key, computed=added > 0,
         metrics={"problems": len(loaded.problems), "train": len(loaded.problems) - n_eval,

@@ -31,10 +31,6 @@ class WeightResult:
     groups: int
     degenerate_groups: int  # groups whose rewards were all equal
 
-    @property
-    def degenerate_share(self) -> float:
-        return self.degenerate_groups / self.groups if self.groups else 0.0
-
 
 def group_advantages(rewards: Sequence[float], eps: float, ddof: int = 0) -> list[float]:
     """(r - mean) / (std + eps) over one group; all-equal rewards give all zeros."""
