@@ -87,8 +87,9 @@ def test_gsm_symbolic_public_api_fallback(monkeypatch):
     # public generate_questions (same distribution, slower on big templates).
     from random import Random
 
-    import stillhouse.tasks.sources as sources
+    import stillhouse.tasks.problem_sets as problem_sets
+    from stillhouse.tasks.sources import normalize_reference
 
-    monkeypatch.setattr(sources, "_sampler", lambda template_id: None)
-    q = sources._instantiate(8, Random(0))  # a template with a small value space
-    assert "####" in q.answer and NUMBER.fullmatch(sources.normalize_reference(q.answer))
+    monkeypatch.setattr(problem_sets, "_sampler", lambda template_id: None)
+    q = problem_sets._instantiate(8, Random(0))  # a template with a small value space
+    assert "####" in q.answer and NUMBER.fullmatch(normalize_reference(q.answer))
