@@ -25,9 +25,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed  # noqa: E402
-from tasks.config import PromptsConfig  # noqa: E402
-from tasks.prompts import solve_messages  # noqa: E402
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed  # noqa: E402
+from stillhouse.tasks.config import PromptsConfig  # noqa: E402
+from stillhouse.tasks.prompts import solve_messages  # noqa: E402
 
 
 def gsm_questions(n: int, seed: int = 0) -> list[str]:
@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from tasks.hf_backend import HFBackend
-    from tasks.models import SMOLLM2_NAME, TINY_NAME, resolve_model
+    from stillhouse.tasks.backends.hf import HFBackend
+    from stillhouse.tasks.models.prepared import SMOLLM2_NAME
+    from stillhouse.tasks.models.resolve import resolve_model
+    from stillhouse.tasks.models.tiny import TINY_NAME
 
     path = resolve_model(TINY_NAME if args.tiny else SMOLLM2_NAME, args.models_dir)
     backend = HFBackend(path, dtype=args.dtype, device=args.device, batch_size=args.batch_size)
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
             input_ids=torch.tensor([[pad] * (width - len(p)) + p for p in first], device=backend.device),
             attention_mask=torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in first], device=backend.device),
         ).logits[:, -1].float()  # real next-token logits of the first batch's prompts
-    ours_rule = backend._sampler_cls(range(len(first)), args.temperature, args.top_p, backend.device)
+    ours_rule = backend.sampler_cls(range(len(first)), args.temperature, args.top_p, backend.device)
     warpers = (TemperatureLogitsWarper(args.temperature), TopPLogitsWarper(args.top_p))
 
     def raw_rule(x):

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from storage.catalog import Catalog  # noqa: E402
+from stillhouse.storage.catalog import Catalog  # noqa: E402
 
 SAMPLES_PER_PROBLEM = 8
 

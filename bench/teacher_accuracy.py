@@ -1,7 +1,7 @@
 """Sample accuracy of a model on a run config's problems, with the config's prompt and sampling.
 
 What a round's sample + verify steps measure as `teacher_accuracy`, without the rest of the round:
-the config's sources are loaded (tasks.sources.load_problems), each problem is sampled N times
+the config's sources are loaded (stillhouse.tasks.sources.load_problems), each problem is sampled N times
 through HFBackend with the config's prompts (system, few-shot, solve) and sampling parameters
 (temperature, top_p, max_new_tokens, stop, seed), and every sample is scored by the verifier.
 Use it to choose a problem source and prompt on which a teacher gets a useful share right (group
@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import load_config  # noqa: E402
+from stillhouse.tasks.config import load_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from tasks.hf_backend import HFBackend, build_requests, sampling_params
-    from tasks.sources import load_problems
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.backends.base import SamplingParams
+    from stillhouse.tasks.backends.hf import HFBackend
+    from stillhouse.tasks.prompts import solve_requests
+    from stillhouse.tasks.sources import load_problems
+    from stillhouse.tasks.verify.score import score_samples
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,8 +79,8 @@ def main(argv: list[str] | None = None) -> None:
     backend = HFBackend(model.name_or_path, dtype=model.dtype, device=model.device,
                         batch_size=sampling.batch_size, chat_template=model.chat_template,
                         revision=model.revision)
-    requests = build_requests(problems, n, sampling, cfg.prompts)
-    params = sampling_params(sampling)
+    requests = solve_requests(problems, n, sampling.seed, cfg.prompts)
+    params = SamplingParams.from_config(sampling)
     print(f"model={model.name_or_path} problems={len(problems)} samples={len(requests)} "
           f"T={params.temperature} top_p={params.top_p} max_new_tokens={params.max_new_tokens} "
           f"threads={torch.get_num_threads()}", flush=True)

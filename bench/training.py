@@ -1,4 +1,4 @@
-"""Throughput of `tasks.training.train_lora` against the plain transformers `Trainer`, same run.
+"""Throughput of `stillhouse.tasks.training.trainer.train_lora` against the plain transformers `Trainer`, same run.
 
 Both train the same LoRA (same PeftConfig, same seed) on the same base model and the same tokenized
 samples (rendered chat prompt + GSM-style worked solution + EOS, labels -100 on the prompt), with
@@ -45,8 +45,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.config import LoraConfig, TrainingConfig  # noqa: E402
-from tasks.training import TrainExample, encode_examples, train_lora  # noqa: E402
+from stillhouse.tasks.config import LoraConfig, TrainingConfig  # noqa: E402
+from stillhouse.tasks.training.data import TrainExample, encode_examples  # noqa: E402
+from stillhouse.tasks.training.trainer import train_lora  # noqa: E402
 
 
 def gsm_samples(tok, n: int, seed: int = 0) -> list[TrainExample]:
@@ -82,11 +83,11 @@ def gsm_samples(tok, n: int, seed: int = 0) -> list[TrainExample]:
 
 def model_dir(name: str, root: Path) -> Path:
     if name == "bench-llama":
-        from tasks.models import build_tiny_model
+        from stillhouse.tasks.models.tiny import build_tiny_model
 
         return build_tiny_model(root / "bench-llama", seed=0, vocab_size=2048, hidden_size=256, num_layers=4,
                                 num_heads=4, intermediate_size=768)
-    from tasks.models import resolve_model  # a prepared name such as smollm2-135m-instruct
+    from stillhouse.tasks.models.resolve import resolve_model  # a prepared name such as smollm2-135m-instruct
 
     return Path(resolve_model(name))
 
@@ -100,7 +101,7 @@ def run_trainer(base: Path, examples, cfg: TrainingConfig, lora: LoraConfig, ste
     from transformers import (AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainerCallback,
                               TrainingArguments)
 
-    from tasks.training import match_target_modules
+    from stillhouse.tasks.training.trainer import match_target_modules
 
     enc = encode_examples(tok, examples, cfg.max_length)
     data = [
@@ -160,10 +161,10 @@ def run_trainer(base: Path, examples, cfg: TrainingConfig, lora: LoraConfig, ste
 def ours_first_batch_loss(base: Path, first, lora: LoraConfig, seed: int) -> float:
     import torch
 
-    from tasks.training import _load_base, _wrap_lora, batch_loss
+    from stillhouse.tasks.training.trainer import batch_loss, load_base, wrap_lora
 
     torch.manual_seed(seed)
-    model = _wrap_lora(_load_base(base, torch.float32, "cpu"), lora, None).eval()
+    model = wrap_lora(load_base(base, torch.float32, "cpu"), lora, None).eval()
     width = max(len(f["input_ids"]) for f in first)
     ids = torch.zeros((len(first), width), dtype=torch.long)
     mask = torch.zeros_like(ids)

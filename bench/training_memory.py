@@ -1,4 +1,4 @@
-"""Peak memory of `tasks.training.train_lora` with and without gradient checkpointing, same run.
+"""Peak memory of `stillhouse.tasks.training.trainer.train_lora` with and without gradient checkpointing, same run.
 
 Why it exists: a demo round's LoRA step on SmolLM2-135M (30 layers, fp32, micro-batch 8 x ~300
 tokens) took the process to ~9.4 GB RSS. That is activation memory kept for the backward pass (per
@@ -48,14 +48,15 @@ def _rss_mb() -> float:
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from tasks.config import LoraConfig, TrainingConfig
-    from tasks.models import resolve_model
-    from tasks.training import TrainExample, _load_base, train_lora
+    from stillhouse.tasks.config import LoraConfig, TrainingConfig
+    from stillhouse.tasks.models.resolve import resolve_model
+    from stillhouse.tasks.training.data import TrainExample
+    from stillhouse.tasks.training.trainer import load_base, train_lora
 
     torch.set_num_threads(args.threads) if args.threads else None
     path = resolve_model(args.model)
     # RSS with the model loaded (the floor any training run starts from).
-    base = _load_base(path, torch.float32, "cpu")
+    base = load_base(path, torch.float32, "cpu")
     loaded_mb = _rss_mb()
     del base
     from transformers import AutoTokenizer

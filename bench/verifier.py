@@ -214,7 +214,7 @@ def build_rows(n_rows: int, seed: int) -> list[Row]:
 
 
 def run_ours(rows: list[Row], **kwargs) -> tuple[list[bool], float]:
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
     started = time.perf_counter()
     results = score_samples([(r.response, r.reference) for r in rows], **kwargs)
@@ -240,7 +240,8 @@ def _accuracy(decisions: list[bool], rows: list[Row], kind: str = "all") -> floa
 
 def _fast_path_share(rows: list[Row]) -> str:
     """How much work the fast path and the per-call cache take off Math-Verify."""
-    from tasks.verifier import _quick_verdict, extract_answer, normalize_answer
+    from stillhouse.tasks.verify.equivalence import quick_verdict, normalize_answer
+    from stillhouse.tasks.verify.extract import extract_answer
 
     slow = []
     for r in rows:
@@ -248,7 +249,7 @@ def _fast_path_share(rows: list[Row]) -> str:
         if ext.answer is None:
             continue
         key = (normalize_answer(ext.answer), normalize_answer(r.reference))
-        if _quick_verdict(*key) is None:
+        if quick_verdict(*key) is None:
             slow.append(key)
     return (f"fast path decides {len(rows) - len(slow)} rows; Math-Verify needed for {len(slow)} "
             f"rows = {len(set(slow))} distinct (answer, reference) pairs")

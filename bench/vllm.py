@@ -1,6 +1,6 @@
 """Throughput of the vllm backend against raw `LLM.generate`: same prompts, same engine.
 
-One engine (one `tasks.vllm_worker` process of the vLLM venv) serves both paths, so the engine
+One engine (one `stillhouse.tasks.backends.vllm_worker` process of the vLLM venv) serves both paths, so the engine
 settings, its process placement and its warm state are the same for both:
 
 - ours: `VLLMBackend.sample()` timed in this process: rendering and tokenizing the prompts, the
@@ -40,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def pick_model(tiny: bool, work: Path) -> str:
     """The prepared SmolLM2-135M-Instruct (prepared now if the packaged GGUF is installed), else tiny."""
-    from tasks.models import SMOLLM2_NAME, build_tiny_model, resolve_model
+    from stillhouse.tasks.models.prepared import SMOLLM2_NAME
+    from stillhouse.tasks.models.resolve import resolve_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     if not tiny:
         try:
@@ -71,10 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from bench.sampling import gsm_questions
-    from tasks.backend import SampleRequest, SamplingParams, derive_seed
-    from tasks.config import PromptsConfig
-    from tasks.prompts import solve_messages
-    from tasks.vllm_backend import VLLMBackend
+    from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+    from stillhouse.tasks.config import PromptsConfig
+    from stillhouse.tasks.prompts import solve_messages
+    from stillhouse.tasks.backends.vllm import VLLMBackend
 
     work = Path(tempfile.mkdtemp(prefix="stillhouse-bench-vllm-"))
     model = pick_model(args.tiny, work)

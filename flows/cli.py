@@ -16,9 +16,9 @@ log = logging.getLogger("stillhouse")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from tasks.config import RewardConfig
-    from tasks.verifier import verify_jsonl
-    from tasks.weights import sample_reward
+    from stillhouse.tasks.config import RewardConfig
+    from stillhouse.tasks.verify.jsonl import verify_jsonl
+    from stillhouse.tasks.weights import sample_reward
 
     rewards = RewardConfig()
     summary = verify_jsonl(
@@ -34,7 +34,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_prepare(args: argparse.Namespace) -> int:
-    from tasks.models import prepare_model
+    from stillhouse.tasks.models.prepared import prepare_model
 
     path = prepare_model(args.name, Path(args.out))
     print(path)
@@ -42,7 +42,7 @@ def _cmd_models_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_models_tiny(args: argparse.Namespace) -> int:
-    from tasks.models import build_tiny_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     path = build_tiny_model(Path(args.out), seed=args.seed)
     print(path)
@@ -60,11 +60,11 @@ def _prefect_env() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
-    from tasks.config import load_config
+    from stillhouse.tasks.config import load_config
 
     cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
     _prefect_env()
-    from flows.distill import run
+    from stillhouse.flows.distill import run
 
     import time
 
@@ -72,7 +72,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     history = run(cfg)
     wall = time.monotonic() - started
     model = sum(m.get("model_seconds", 0.0) for m in history)
-    from tasks.report import build_report
+    from stillhouse.tasks.report import build_report
 
     md, html_path = build_report(cfg.workdir, cfg.run_name)
     where = os.environ.get("PREFECT_API_URL") or "ephemeral server (run `stillhouse ui` for the UI)"
@@ -89,7 +89,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _open_catalog(workdir: str):
-    from storage.catalog import Catalog
+    from stillhouse.storage.catalog import Catalog
 
     if not (Path(workdir) / "catalog").is_dir():
         raise FileNotFoundError(f"{workdir} holds no Stillhouse catalog (no catalog/ folder)")
@@ -97,7 +97,7 @@ def _open_catalog(workdir: str):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from tasks.report import round_summaries
+    from stillhouse.tasks.report import round_summaries
 
     with _open_catalog(args.workdir) as cat:
         status = cat.status()
@@ -129,7 +129,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from tasks.report import build_report
+    from stillhouse.tasks.report import build_report
 
     md, html_path = build_report(args.workdir)
     print(md)
@@ -221,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import os
     import signal
 
-    from tasks.config import load_config
+    from stillhouse.tasks.config import load_config
 
     # SIGTERM (systemd, docker stop, kill) ends the command like Ctrl-C: through `finally`, so a
     # server we started does not outlive us. Prefect's runner installs its own SIGTERM handler
@@ -245,7 +245,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
         from prefect.deployments.runner import EntrypointType
 
-        from flows.scheduled import scheduled_distill
+        from stillhouse.flows.scheduled import scheduled_distill
 
         strategy = ConcurrencyLimitStrategy(args.collision_strategy.upper().replace("-", "_"))
         name = args.name or cfg.run_name
@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Per-request HTTP lines from Prefect's client drown the run's own log.
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    from storage.catalog import CatalogError
-    from storage.lock import RunLockedError
+    from stillhouse.storage.catalog import CatalogError
+    from stillhouse.storage.lock import RunLockedError
 
     try:
         return args.func(args)

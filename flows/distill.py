@@ -4,8 +4,9 @@ A round reads top to bottom as the method (FDD + AdvDistill):
 
     sample -> verify -> weigh -> version -> train -> evaluate -> split -> synthesize
 
-Each step is a Prefect task around a plain function of `tasks.round_steps`; tasks pass paths, ids
-and content hashes (StepResult), never DataFrames or models. Orchestration policy lives here:
+Each step is a Prefect task around a plain function of `stillhouse.tasks.steps`; tasks pass paths, ids
+and content hashes (StepResult: an output's place and the step's metrics), never DataFrames or
+models; data travels through the run's files and the catalog. Orchestration policy lives here:
 
 - retries where there is I/O or a remote call (loading sources, teacher sampling);
 - GPU steps carry the tag `gpu`, so `prefect concurrency-limit create gpu 1` keeps two of them off
@@ -26,12 +27,12 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.monitoring import ProgressReporter, publish_report, publish_round
-from storage.lock import RunLock
-from tasks import round_steps as steps
-from tasks.config import RunConfig
-from tasks.report import record_round
-from tasks.round_steps import StepResult
+from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
+from stillhouse.storage.lock import RunLock
+from stillhouse.tasks import steps
+from stillhouse.tasks.config import RunConfig
+from stillhouse.tasks.report import record_round
+from stillhouse.tasks.steps import StepResult
 
 GPU = "gpu"
 
@@ -73,19 +74,24 @@ def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | 
     sampled = sample_teacher(cfg, round, _progress(cfg, round, "sample"))
     verified = verify_samples(cfg, round, sampled)
     weighted = weigh_samples(cfg, round, verified)
+    # The round's record so far goes into the catalog with the version it describes.
     metrics: dict[str, Any] = {"round": round, **sampled.metrics, **verified.metrics, **weighted.metrics}
     version = commit_version(cfg, round, weighted, metrics)
     trained = train_student(cfg, round, version, previous_adapter, _progress(cfg, round, "train"))
     evaluated = evaluate_student(cfg, round, trained, _progress(cfg, round, "evaluate"))
     split = split_pool(cfg, round, evaluated)
-    results = [sampled, verified, weighted, version, trained, evaluated, split]
+    after_commit = [version, trained, evaluated, split]
     if cfg.synthesis.enabled and round + 1 < cfg.rounds:
-        results.append(synthesize_problems(cfg, round, split, _progress(cfg, round, "synthesize")))
+        after_commit.append(
+            synthesize_problems(cfg, round, evaluated, split, _progress(cfg, round, "synthesize"))
+        )
+    results = [sampled, verified, weighted, *after_commit]
 
-    for r in results[3:]:
-        metrics.update({k: v for k, v in r.metrics.items() if k not in ("labels", "model_seconds")})
-    # Model work (loading models, generating, the training loop): the rest of the round's wall time
-    # is orchestration, verification, I/O and catalog writes.
+    for r in after_commit:
+        metrics.update(r.metrics)
+    # Model work (loading models, generating, the training loop) of every step, replacing the
+    # steps' own model_seconds: the rest of the round's wall time is orchestration, verification,
+    # I/O and catalog writes.
     metrics["model_seconds"] = sum(r.metrics.get("model_seconds", 0.0) for r in results)
     metrics["wall_seconds"] = time.monotonic() - started
     metrics["steps_computed"] = [r.name for r in results if r.computed]

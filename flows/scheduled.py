@@ -10,7 +10,7 @@ still needs:
   `<run_name>-<date>` (the date of the tick's scheduled start, UTC, in `date_format`). A second
   tick on the same date continues that day's run like mode "continue".
 
-The rounds themselves are `flows.distill.distill`, called as a subflow unchanged: it takes the
+The rounds themselves are `stillhouse.flows.distill.distill`, called as a subflow unchanged: it takes the
 workdir lock, and its resumable steps make a repeated round free. Ticks of one deployment never
 overlap because the deployment carries a concurrency limit of 1 (deployment/prefect.yaml): a tick
 that fires while the previous one still runs waits (ENQUEUE) or is cancelled (CANCEL_NEW) by the
@@ -28,11 +28,11 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 
-from flows.distill import distill
-from storage.catalog import Catalog
-from storage.lock import RunLock, RunLockedError
-from tasks.config import ConfigError, RunConfig, load_config, parse_config
-from tasks.report import round_summaries
+from stillhouse.flows.distill import distill
+from stillhouse.storage.catalog import Catalog
+from stillhouse.storage.lock import RunLock, RunLockedError
+from stillhouse.tasks.config import ConfigError, RunConfig, load_config, parse_config
+from stillhouse.tasks.report import round_summaries
 
 Mode = Literal["continue", "dated"]
 

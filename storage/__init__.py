@@ -1,6 +1,6 @@
 """Storage: the run's DuckLake catalog (versioned tables) and Parquet intermediates (atomic, cached)."""
 
-from storage.catalog import (
+from stillhouse.storage.catalog import (
     Catalog,
     CatalogError,
     CatalogLockedError,
@@ -9,20 +9,22 @@ from storage.catalog import (
     RoundStatus,
     VersionDiff,
 )
-from storage.parquet_io import (
+from stillhouse.storage.parquet_io import (
+    cached_output,
     cached_path,
     completed_shards,
     content_hash,
     finalize_shards,
     is_complete,
     missing_shards,
+    publish_dir,
     read_output,
     shard_path,
     write_manifest,
     write_parquet_atomic,
     write_shard,
 )
-from storage.schema import TABLES, TableSpec
+from stillhouse.storage.schema import TABLES, TableSpec
 
 __all__ = [
     "TABLES",
@@ -34,12 +36,14 @@ __all__ = [
     "RoundStatus",
     "TableSpec",
     "VersionDiff",
+    "cached_output",
     "cached_path",
     "completed_shards",
     "content_hash",
     "finalize_shards",
     "is_complete",
     "missing_shards",
+    "publish_dir",
     "read_output",
     "shard_path",
     "write_manifest",

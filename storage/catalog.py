@@ -19,7 +19,7 @@ Versioning model
   evaluate -> split), so they are not frozen and land in round r+1's version.
 - Re-committing a committed round with the same config_hash returns its snapshot (idempotent
   resume; the first commit's metrics are kept). A different config_hash raises RoundCommittedError.
-- Inserts are idempotent on each table's key (storage.schema): existing keys and in-batch repeats
+- Inserts are idempotent on each table's key (stillhouse.storage.schema): existing keys and in-batch repeats
   are skipped (first occurrence wins), existing rows are never changed.
 - Large batches (>= bulk_rows) to a local data path are written as Parquet by pyarrow and
   registered with ducklake_add_data_files in the same transaction (see `_insert` for why);
@@ -49,9 +49,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage import schema as S
-from storage.ducklake_ext import load_ducklake, sql_str
-from storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
+from stillhouse.storage import schema as S
+from stillhouse.storage.ducklake_ext import load_ducklake, sql_str
+from stillhouse.storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,10 @@ class VersionDiff:
     added_by_operation: dict[str, int] = field(default_factory=dict)
     samples_added_by_round: dict[int, int] = field(default_factory=dict)
     samples_removed_by_round: dict[int, int] = field(default_factory=dict)
+    # Why problems the teacher wrote in rounds from_round .. to_round - 1 did not join the pool:
+    # counts per drop reason, and each dropped generation (parent, operation, reason, detail).
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -240,7 +244,7 @@ class Catalog:
         existing = self._existing_tables()
         for spec in S.TABLES.values():
             if spec.name not in existing:
-                if self.read_only:
+                if self.read_only and spec.name not in S.LATER_TABLES:
                     raise CatalogError(
                         f"{self.workdir}: not a Stillhouse catalog (no table {spec.name})"
                     )
@@ -318,31 +322,55 @@ class Catalog:
         """Insert easy/mid/hard labels, keyed (round, problem_id)."""
         return self._add(S.SPLIT_LABELS, rows)
 
+    def add_synthesis(self, problems: Rows, records: Rows) -> tuple[int, int]:
+        """Insert a synthesis step's kept problems and its record of every generation (kept or
+        dropped, with the reason) in one transaction; returns (new problems, new records)."""
+        added = self._add_batches("add synthesis", [(S.PROBLEMS, problems), (S.SYNTHESIS_RECORDS, records)])
+        return added[0], added[1]
+
     def _add(self, spec: S.TableSpec, rows: Rows) -> int:
+        return self._add_batches(f"add {spec.name}", [(spec, rows)])[0]
+
+    def _add_batches(self, message: str, batches: Sequence[tuple[S.TableSpec, Rows]]) -> list[int]:
+        """Insert each (table, rows) batch's new rows, all in one transaction (one snapshot)."""
         self._require_writable()
-        if (rows.num_rows if isinstance(rows, (pa.Table, pa.RecordBatch)) else len(rows)) == 0:
-            return 0
+        specs = [spec for spec, _ in batches]
+        batches = [
+            (spec, rows) for spec, rows in batches
+            if (rows.num_rows if isinstance(rows, (pa.Table, pa.RecordBatch)) else len(rows))
+        ]
+        if not batches:
+            return [0] * len(specs)
         t0 = time.perf_counter()
-        table = S.conform(spec, rows)
-        if spec is S.PROBLEMS:
-            _check_seed_parent(table)
-        table = _dedupe_batch(spec, table)
+        tables = []
+        for spec, rows in batches:
+            table = S.conform(spec, rows)
+            if spec is S.PROBLEMS:
+                _check_seed_parent(table)
+            tables.append((spec, _dedupe_batch(spec, table)))
 
         written: list[Path] = []
+        added: dict[str, int] = {}
         self.con.execute("BEGIN TRANSACTION")
         try:
-            new = self._new_rows(spec, table)
-            if new.num_rows == 0:
+            news = [(spec, self._new_rows(spec, table)) for spec, table in tables]
+            if all(new.num_rows == 0 for _, new in news):
                 self.con.execute("ROLLBACK")  # nothing to write: no empty snapshot
-                log.info("add %s: %d rows, all present already", spec.name, table.num_rows)
-                return 0
-            self._check_not_frozen(spec, new)
-            if spec is S.PROBLEMS:
-                self._check_parents_exist(new)
-            self._insert(spec, new, written)
+                for spec, table in tables:
+                    log.info("add %s: %d rows, all present already", spec.name, table.num_rows)
+                return [0] * len(specs)
+            for spec, new in news:
+                if new.num_rows == 0:
+                    continue
+                self._check_not_frozen(spec, new)
+                if spec is S.PROBLEMS:
+                    self._check_parents_exist(new)
+                self._insert(spec, new, written)
+                added[spec.name] = new.num_rows
+            extra = {"rows": sum(added.values())} if len(batches) == 1 else {"rows": added}
             self.con.execute(
                 f"CALL {self.alias}.set_commit_message(?, ?, extra_info => ?)",
-                [AUTHOR, f"add {spec.name}", canonical_json({"rows": new.num_rows})],
+                [AUTHOR, message, canonical_json(extra)],
             )
             self.con.execute("COMMIT")
         except BaseException:
@@ -350,15 +378,16 @@ class Catalog:
             for path in written:  # files of a rolled-back bulk insert are referenced by nothing
                 path.unlink(missing_ok=True)
             raise
-        log.info(
-            "add %s: %d new of %d in %.2fs%s",
-            spec.name,
-            new.num_rows,
-            table.num_rows,
-            time.perf_counter() - t0,
-            f" ({len(written)} file(s) via add_data_files)" if written else "",
-        )
-        return new.num_rows
+        for (spec, table), (_, new) in zip(tables, news):
+            log.info(
+                "add %s: %d new of %d in %.2fs%s",
+                spec.name,
+                new.num_rows,
+                table.num_rows,
+                time.perf_counter() - t0,
+                f" ({len(written)} file(s) via add_data_files)" if written else "",
+            )
+        return [added.get(spec.name, 0) for spec in specs]
 
     def _insert(self, spec: S.TableSpec, new: pa.Table, written: list[Path]) -> None:
         """Write `new` into the open transaction: bulk files for large local batches, else INSERT.
@@ -621,17 +650,62 @@ class Catalog:
             f"UNION ALL SELECT 'del', round, count(*) FROM d ANTI JOIN i USING (sample_id) GROUP BY ALL "
             f"ORDER BY 1, 2"
         ).fetchall()
+        dropped = self._dropped(a, b, sb)
+        by_reason: dict[str, int] = {}
+        for d in dropped:
+            by_reason[d["reason"]] = by_reason.get(d["reason"], 0) + 1
         return VersionDiff(
             a,
             b,
             sa,
             sb,
+            dropped_by_reason=dict(sorted(by_reason.items())),
+            dropped=dropped,
             problems_added=added,
             problems_removed=[p for kind, p, _ in prob if kind == "del"],
             added_by_operation=dict(sorted(by_op.items())),
             samples_added_by_round={int(r): int(n) for k, r, n in samp if k == "add"},
             samples_removed_by_round={int(r): int(n) for k, r, n in samp if k == "del"},
         )
+
+    def _dropped(self, a: int, b: int, snapshot: int) -> list[dict[str, Any]]:
+        """The dropped generations of the synthesis steps of rounds a .. b-1, as of `snapshot`."""
+        if not self._has_table("synthesis_records"):
+            return []
+        try:
+            src = self._source("synthesis_records", snapshot)
+            rows = self.con.execute(
+                f"SELECT round, generation_key, parent_id, operation, reason, detail FROM {src} "
+                f"WHERE status = 'dropped' AND round >= ? AND round < ? ORDER BY round, generation_key",
+                [a, b],
+            ).fetchall()
+        except duckdb.Error:  # the table was created after that snapshot (an older catalog)
+            return []
+        cols = ("round", "generation_key", "parent_id", "operation", "reason", "detail")
+        return [dict(zip(cols, r)) for r in rows]
+
+    def _has_table(self, name: str) -> bool:
+        return name in self._existing_tables()
+
+    def split_labels(self, round: int, student_key: str) -> dict[str, str]:
+        """problem id -> easy/mid/hard, as the split step of `round` labelled them for that student."""
+        rows = self.con.execute(
+            f"SELECT problem_id, label FROM {self.alias}.split_labels "
+            f"WHERE round = ? AND student_key = ? ORDER BY problem_id",
+            [round, student_key],
+        ).fetchall()
+        return dict(rows)
+
+    def synthesis_records(self, round: int | None = None) -> pa.Table:
+        """Every generation of the synthesis steps (of one round), kept or dropped and why."""
+        spec = S.SYNTHESIS_RECORDS
+        if not self._has_table(spec.name):
+            return spec.schema.empty_table()
+        where = "" if round is None else f"WHERE round = {int(round)}"
+        out = self.con.execute(
+            f"SELECT * FROM {self.alias}.{spec.name} {where} ORDER BY {', '.join(spec.key)}"
+        ).to_arrow_table()
+        return out.cast(spec.schema)
 
     def lineage(self, problem_id: str, round: int | None = None) -> list[dict[str, Any]]:
         """The problem, then its parent, ... up to its seed (as of a round's version, or latest)."""

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path, PurePath
 from typing import Any
@@ -102,6 +103,17 @@ def write_bytes_atomic(data: bytes, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def publish_dir(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> Path:
+    """Move a finished temp folder (a sibling of `path`) into place: a folder is either absent,
+    the old one or the new one, never half written (os.replace is atomic on one filesystem)."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path
+
+
 def write_json_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     return write_bytes_atomic(
         (json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n").encode(), path
@@ -157,6 +169,27 @@ def cached_path(cache_dir: str | os.PathLike[str], step: str, key_hash: str) -> 
     if not re.fullmatch(r"[0-9a-f]{8,64}", key_hash):
         raise ValueError(f"key_hash {key_hash!r}: expected a hex digest (content_hash)")
     return Path(cache_dir) / step / key_hash
+
+
+def cached_output(
+    cache_dir: str | os.PathLike[str],
+    step: str,
+    key: str,
+    compute: Callable[[Path], Mapping[str, Any] | None],
+) -> tuple[Path, bool]:
+    """A step's content-addressed output folder, complete: found on disk, or made now.
+
+    key -> cached folder -> `compute(folder)` writes the files and returns the manifest's meta only
+    if the folder is incomplete -> manifest written last. Returns (folder, computed); read it back
+    with `read_output` / `read_manifest`.
+    """
+    out = cached_path(cache_dir, step, key[:32])
+    if is_complete(out):
+        return out, False
+    out.mkdir(parents=True, exist_ok=True)
+    meta = compute(out)
+    write_manifest(out, meta=meta)
+    return out, True
 
 
 def write_manifest(
@@ -227,6 +260,11 @@ def read_output(out_dir: str | os.PathLike[str]) -> pa.Table:
     if not names:
         raise FileNotFoundError(f"{out_dir}: manifest lists no Parquet files")
     return pa.concat_tables([pq.read_table(out_dir / n) for n in names])
+
+
+def read_parquet(path: str | os.PathLike[str]) -> pa.Table:
+    """One Parquet file of an output folder (when a folder holds more than one kind of table)."""
+    return pq.read_table(path)
 
 
 # --------------------------------------------------------------------------- shards

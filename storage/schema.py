@@ -158,9 +158,46 @@ SPLIT_LABELS = TableSpec(
     enums={"label": ("easy", "mid", "hard")},
 )
 
+# Every problem the teacher wrote in a round's synthesis step, kept or not, with why: written in the
+# same transaction as the kept problems (Catalog.add_synthesis), after the round's commit, so they
+# become part of the next round's version, like the problems they explain.
+SYNTHESIS_RECORDS = TableSpec(
+    name="synthesis_records",
+    schema=pa.schema(
+        [
+            _f("round", INT),  # the round whose split the synthesis worked from
+            # hash of the synthesis step's inputs: a rerun after a config change adds its own rows.
+            _f("synthesis_key", STR),
+            _f("generation_key", STR),  # synth/r<round>/<operation>/<parent_id>
+            _f("parent_id", STR),
+            _f("operation", STR),
+            _f("seed", INT),
+            _f("reply", STR),  # the teacher's reply, verbatim
+            _f("finish_reason", STR, nullable=True),
+            _f("question", STR, nullable=True),  # the parsed problem; null when parsing rejected it
+            _f("status", STR),
+            _f("reason", STR, nullable=True),  # the drop reason; null when kept
+            _f("detail", STR, nullable=True),
+            _f("problem_id", STR, nullable=True),  # the kept problem
+            _f("answer", STR, nullable=True),  # its reference: the majority answer
+            _f("agreement", FLOAT, nullable=True),
+            _f("votes", STR, nullable=True),  # JSON list: the teacher's extracted answers, in order
+        ]
+    ),
+    key=("round", "synthesis_key", "generation_key"),
+    enums={
+        "operation": ("harder", "similar"),
+        "status": ("kept", "dropped"),
+    },  # reason: synthesis owns the list of drop reasons (tasks.synthesis.synthesize.DROP_REASONS)
+    json_columns=("votes",),
+)
+
 TABLES: dict[str, TableSpec] = {
-    s.name: s for s in (PROBLEMS, SAMPLES, ROUNDS, EVAL_RESULTS, SPLIT_LABELS)
+    s.name: s for s in (PROBLEMS, SAMPLES, ROUNDS, EVAL_RESULTS, SPLIT_LABELS, SYNTHESIS_RECORDS)
 }
+# Tables added after the first catalogs were written: a read-only open of an older catalog does
+# without them (reads come back empty); a writable open creates them.
+LATER_TABLES = ("synthesis_records",)
 
 SQL_TYPES = {STR: "VARCHAR", INT: "BIGINT", FLOAT: "DOUBLE", BOOL: "BOOLEAN", TS: "TIMESTAMP"}
 

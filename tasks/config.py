@@ -268,6 +268,10 @@ class TrainingConfig(_Section):
     max_length: int = Field(1024, ge=16, description="Tokens per sample; longer ones are truncated and counted.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    # Two settings floor negative weights today: weighting.negatives/floor shape the weights the
+    # weigh step stores in the catalog (default: keep them as they are), and this one floors what
+    # the trainer reads from it (default -1). Merging them changes the stored weights or the
+    # training inputs of shipped configs, so it waits for the weighting/loss rework (issue 12).
     negative_weight_floor: float = Field(
         -1.0,
         le=0,

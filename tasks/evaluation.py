@@ -17,9 +17,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.backend import Backend, Progress, SampleRequest, SamplingParams, derive_seed
-from tasks.config import EvalConfig, PromptsConfig, VerifierConfig
-from tasks.problems import Problem
+from stillhouse.tasks.backends.base import Backend, Progress, SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import EvalConfig, PromptsConfig, VerifierConfig
+from stillhouse.tasks.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def evaluate_student(
     Seeds: derive_seed(seed, 'eval/<id>' or 'pool/<id>', sample_index); greedy decoding ignores
     them, the pool samples are reproducible from them.
     """
-    from tasks.prompts import solve_messages
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.prompts import solve_messages
+    from stillhouse.tasks.verify.score import score_samples
 
     verifier = verifier or VerifierConfig()
     all_evals = _unique(list(eval_problems), "eval")

@@ -1,14 +1,29 @@
-"""The one problem record every source is normalised into."""
+"""The one problem record every source is normalised into, and the raw rows sources read."""
 
 from __future__ import annotations
 
 import hashlib
 import re
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 Split = Literal["train", "eval"]
 Operation = Literal["seed", "harder", "similar"]
+
+class SourceError(ValueError):
+    """A source that cannot be loaded at all: unreadable file, unknown column, missing split."""
+
+
+class RawRow(NamedTuple):
+    """What a loader yields: one upstream row, or the reason it could not be read."""
+
+    row: int
+    question: Any = None
+    answer: Any = None
+    meta: dict | None = None
+    split: str | None = None  # per-row split (gsm_symbolic); None = cfg.split
+    error: str | None = None  # set when the row itself is unreadable (invalid JSON, ...)
+
 
 _WS = re.compile(r"\s+")
 

@@ -66,6 +66,21 @@ def solve_messages(question: str, cfg) -> Messages:
     return _with_system(cfg, turns)
 
 
+def solve_requests(problems: Sequence[Any], n: int, base_seed: int, cfg, *, seed_scope: str = "") -> list:
+    """n solve requests per problem (key: its id), seeded by derive_seed(base_seed, seed_scope + id, i).
+
+    The teacher's samples use seed_scope "round-<r>/", so a problem that stays in the pool gets
+    fresh samples in every round.
+    """
+    from stillhouse.tasks.backends.base import SampleRequest, derive_seed
+
+    return [
+        SampleRequest(p.id, i, solve_messages(p.question, cfg), derive_seed(base_seed, f"{seed_scope}{p.id}", i))
+        for p in problems
+        for i in range(n)
+    ]
+
+
 def harder_messages(problem: Any, cfg) -> Messages:
     """Ask the teacher for a harder variant of an easy problem (a Problem or its question text)."""
     return _with_system(cfg, [{"role": "user", "content": fill(cfg.harder, problem=_problem_text(problem))}])

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from storage import parquet_io
+from stillhouse.storage import parquet_io
 
 
 def round_summaries(workdir: str | Path) -> list[dict[str, Any]]:
@@ -92,9 +92,23 @@ def _markdown(run: str, history: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dropped_markdown(dropped: list[dict[str, Any]], limit: int = 50) -> str:
+    """Why the teacher's problems did not join the pool: one line per dropped generation."""
+    if not dropped:
+        return ""
+    lines = ["", "## Dropped synthesized problems", "",
+             "| round | parent | operation | reason | detail |", "|---|---|---|---|---|"]
+    for d in dropped[:limit]:
+        detail = (d["detail"] or "").replace("|", "\\|")
+        lines.append(f"| {d['round']} | {d['parent_id']} | {d['operation']} | {d['reason']} | {detail} |")
+    if len(dropped) > limit:
+        lines.append(f"\n... and {len(dropped) - limit} more (`stillhouse diff` lists them all)")
+    return "\n".join(lines) + "\n"
+
+
 def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path, Path]:
     """Write <workdir>/report/report.md and report.html; returns their paths."""
-    from storage.catalog import Catalog
+    from stillhouse.storage.catalog import Catalog
 
     workdir = Path(workdir)
     history = round_summaries(workdir)
@@ -106,8 +120,10 @@ def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path
         for r in committed:
             t = cat.samples_for_round(r).select(["reward", "weight"])
             samples[r] = {"reward": t["reward"].to_pylist(), "weight": t["weight"].to_pylist()}
+        records = cat.synthesis_records()
+        dropped = [r for r in records.to_pylist() if r["status"] == "dropped"]
     run = run_name or workdir.name
-    md = _markdown(run, history)
+    md = _markdown(run, history) + _dropped_markdown(dropped)
     plots = _plots(history, samples)
     md_path = parquet_io.write_bytes_atomic(
         (md + "\n" + "\n".join(f"![{k}]({k}.png)" for k in plots) + "\n").encode(),

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from tasks.config import RewardConfig, WeightingConfig
+from stillhouse.tasks.config import RewardConfig, WeightingConfig
 
 
 def sample_reward(correct: bool, format_ok: bool, cfg: RewardConfig) -> float:
@@ -30,10 +30,6 @@ class WeightResult:
     weights: list[float]  # the loss weight per sample, after the scheme and negative handling
     groups: int
     degenerate_groups: int  # groups whose rewards were all equal
-
-    @property
-    def degenerate_share(self) -> float:
-        return self.degenerate_groups / self.groups if self.groups else 0.0
 
 
 def group_advantages(rewards: Sequence[float], eps: float, ddof: int = 0) -> list[float]:

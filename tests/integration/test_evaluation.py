@@ -12,12 +12,12 @@ from collections import defaultdict
 
 import pytest
 
-from tasks.backend import Completion
-from tasks.config import EvalConfig, PromptsConfig, SamplingConfig, SplitConfig, SynthesisConfig
-from tasks.evaluation import POOL, cap_eval_problems, evaluate_student
-from tasks.problems import Problem
-from tasks.split import split_by_pass_rate
-from tasks.synthesis import DROP_REASONS, synthesize
+from stillhouse.tasks.backends.base import Completion
+from stillhouse.tasks.config import EvalConfig, PromptsConfig, SamplingConfig, SplitConfig, SynthesisConfig
+from stillhouse.tasks.evaluation import POOL, cap_eval_problems, evaluate_student
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.split import split_by_pass_rate
+from stillhouse.tasks.synthesis.synthesize import DROP_REASONS, synthesize
 
 EVAL = [
     Problem.make("What is 2 + 3?", "5", source="arith", split="eval"),
@@ -35,7 +35,7 @@ POOL_PROBLEMS = [
 
 @pytest.fixture(scope="module")
 def tiny_backend(tiny_model_dir):
-    from tasks.hf_backend import HFBackend
+    from stillhouse.tasks.backends.hf import HFBackend
 
     backend = HFBackend(tiny_model_dir, dtype="float32", device="cpu", batch_size=8)
     yield backend

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from storage.catalog import Catalog
-from tasks.config import load_config
+from stillhouse.storage.catalog import Catalog
+from stillhouse.tasks.config import load_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.server]
 
@@ -55,8 +55,8 @@ class ModelWork:
     """Counts real generate calls and real training runs."""
 
     def __init__(self, monkeypatch):
-        import tasks.hf_backend as hf
-        import tasks.training as training
+        import stillhouse.tasks.backends.hf as hf
+        import stillhouse.tasks.training.trainer as training
 
         self.samples = 0
         self.trainings = 0
@@ -75,7 +75,7 @@ class ModelWork:
 
 
 def _run(cfg):
-    from flows.distill import run
+    from stillhouse.flows.distill import run
 
     return run(cfg)
 
@@ -116,6 +116,16 @@ def test_two_rounds_complete_with_versions_and_lineage(smoke_run):
             assert p["round_introduced"] == 1
         diff = cat.diff(0, 1)
         assert sorted(diff.problems_added) == sorted(p["problem_id"] for p in new)
+        # Every problem the teacher wrote is recorded, kept or dropped with its reason.
+        records = cat.synthesis_records(0).to_pylist()
+        assert len(records) == history[0]["synth_generated"]
+        assert sorted(r["problem_id"] for r in records if r["status"] == "kept") == sorted(p["problem_id"] for p in new)
+        dropped = [r for r in records if r["status"] == "dropped"]
+        by_reason = {k: v for k, v in history[0]["synth_dropped"].items() if v}
+        assert {r: sum(d["reason"] == r for d in dropped) for r in by_reason} == by_reason
+        assert diff.dropped_by_reason == by_reason
+        assert sorted(d["generation_key"] for d in diff.dropped) == sorted(r["generation_key"] for r in dropped)
+        assert all(r["reply"] and r["parent_id"] and r["operation"] in ("harder", "similar") for r in records)
         weights = cat.samples_for_round(0)["weight"].to_pylist()
         assert len(weights) == rounds[0].samples
     summary = json.loads((Path(cfg.workdir) / "rounds" / "round-1.json").read_text())
@@ -173,12 +183,12 @@ def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, m
 
 
 def test_second_run_on_same_workdir_fails_at_once(smoke_run):
-    from storage.lock import RunLock
+    from stillhouse.storage.lock import RunLock
 
     cfg, _, _, _ = smoke_run
     with RunLock(cfg.workdir):
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", str(SMOKE), "--workdir", cfg.workdir],
+            [sys.executable, "-m", "stillhouse.flows.cli", "run", str(SMOKE), "--workdir", cfg.workdir],
             capture_output=True, text=True, timeout=300,
         )
     assert proc.returncode != 0
@@ -189,7 +199,7 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     cfg, _, _, _ = smoke_run
 
     def cli(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", *args], capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
@@ -203,6 +213,9 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     cli("report", cfg.workdir)
     html = (Path(cfg.workdir) / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
+    if diff["dropped"]:  # the report says why synthesized problems were dropped
+        md = (Path(cfg.workdir) / "report" / "report.md").read_text()
+        assert "Dropped synthesized problems" in md and diff["dropped"][0]["reason"] in md
 
 
 # --------------------------------------------------------------------------- kill and resume
@@ -230,7 +243,7 @@ def _cli_run(config: Path, env: dict) -> subprocess.Popen:
     # Own process group: the kill takes the run and its ephemeral Prefect server down together,
     # as when a node dies, and leaves no server behind.
     return subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "run", str(config)],
+        [sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
     )
 

@@ -7,11 +7,12 @@ import shutil
 
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import PromptsConfig, SamplingConfig
-from tasks.hf_backend import HFBackend, _make_gumbel_processor, sample_problems
-from tasks.problems import Problem
-from tasks.prompts import PLAIN_TEXT_STOP
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig
+from stillhouse.tasks.backends.hf import HFBackend, _make_gumbel_processor
+from stillhouse.tasks.prompts import solve_requests
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.prompts import PLAIN_TEXT_STOP
 
 pytestmark = pytest.mark.integration
 
@@ -193,14 +194,17 @@ def test_plain_text_fallback_without_chat_template(tiny_model_dir, tmp_path):
         b.close()
 
 
-def test_sample_problems_n_per_problem_with_derived_seeds(backend):
+def test_solve_requests_n_per_problem_with_derived_seeds(backend):
     problems = [Problem.make(QUESTIONS[1], "12", "t"), Problem.make(QUESTIONS[4], "22", "t")]
     cfg = SamplingConfig(n=3, temperature=0.7, top_p=0.95, max_new_tokens=8, seed=11)
-    out = sample_problems(backend, problems, 3, cfg, PromptsConfig())
+    params = SamplingParams.from_config(cfg)
+    out = backend.sample(solve_requests(problems, 3, cfg.seed, PromptsConfig()), params)
     assert [(c.key, c.sample_index) for c in out] == [(p.id, i) for p in problems for i in range(3)]
     assert [c.extra["seed"] for c in out] == [derive_seed(11, p.id, i) for p in problems for i in range(3)]
-    again = sample_problems(backend, problems[1:], None, cfg, PromptsConfig())  # n from the config
+    again = backend.sample(solve_requests(problems[1:], cfg.n, cfg.seed, PromptsConfig()), params)
     assert texts(again) == texts(out[3:])
+    scoped = backend.sample(solve_requests(problems[:1], 1, cfg.seed, PromptsConfig(), seed_scope="round-1/"), params)
+    assert scoped[0].extra["seed"] == derive_seed(11, f"round-1/{problems[0].id}", 0)
 
 
 def test_adapter_is_merged_and_matches_the_peft_model(tiny_model_dir, tmp_path):

@@ -7,16 +7,13 @@ import time
 
 import pytest
 
-from tasks.models import (
-    MANIFEST,
-    SMOLLM2_NAME,
-    TINY_NAME,
-    build_tiny_model,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    prepare_model,
-    resolve_model,
-)
+from stillhouse.tasks.models.prepared import SMOLLM2_NAME, prepare_model
+
+from stillhouse.tasks.models.publish import MANIFEST
+
+from stillhouse.tasks.models.resolve import load_model_and_tokenizer, load_tokenizer, resolve_model
+
+from stillhouse.tasks.models.tiny import TINY_NAME, build_tiny_model
 
 pytestmark = pytest.mark.integration
 

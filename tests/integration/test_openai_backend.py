@@ -18,10 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import ModelConfig
-from tasks.openai_backend import OpenAIBackend, OpenAIBackendError, _retry_after_s
-from tasks.round_steps import BACKENDS
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import ModelConfig
+from stillhouse.tasks.backends.openai import OpenAIBackend, OpenAIBackendError, _retry_after_s
+from stillhouse.tasks.backends.open import BACKENDS
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from tasks.config import SourceConfig
-from tasks.sources import load_problems, load_source
+from stillhouse.tasks.config import SourceConfig
+from stillhouse.tasks.sources import load_problems
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ def templates_of(problems):
 
 
 def test_gsm_symbolic_split_by_template():
-    res = load_source(SourceConfig(kind="gsm_symbolic", eval_templates=20, instances_per_template=2))
+    res = load_problems([SourceConfig(kind="gsm_symbolic", eval_templates=20, instances_per_template=2)])
     assert res.skipped == []
     train, evals = res.of_split("train"), res.of_split("eval")
     assert len(templates_of(train)) == 80 and len(templates_of(evals)) == 20
@@ -37,9 +37,9 @@ def test_gsm_symbolic_split_by_template():
 
 
 def test_gsm_symbolic_seeds():
-    same = [load_source(SourceConfig(kind="gsm_symbolic", seed=7)) for _ in range(2)]
+    same = [load_problems([SourceConfig(kind="gsm_symbolic", seed=7)]) for _ in range(2)]
     assert [p.id for p in same[0].problems] == [p.id for p in same[1].problems]
-    other = load_source(SourceConfig(kind="gsm_symbolic", seed=8))
+    other = load_problems([SourceConfig(kind="gsm_symbolic", seed=8)])
     questions = {json.loads(p.meta)["template_id"]: p.question for p in same[0].problems}
     changed = sum(questions[json.loads(p.meta)["template_id"]] != p.question for p in other.problems)
     assert changed >= 90  # fresh instances: a few templates have tiny value spaces
@@ -47,8 +47,8 @@ def test_gsm_symbolic_seeds():
 
 def test_gsm_symbolic_instances_do_not_depend_on_the_count():
     # Each template draws from its own seeded stream, so asking for more instances keeps the first.
-    one = load_source(SourceConfig(kind="gsm_symbolic", seed=3, eval_templates=0))
-    three = load_source(SourceConfig(kind="gsm_symbolic", seed=3, eval_templates=0, instances_per_template=3))
+    one = load_problems([SourceConfig(kind="gsm_symbolic", seed=3, eval_templates=0)])
+    three = load_problems([SourceConfig(kind="gsm_symbolic", seed=3, eval_templates=0, instances_per_template=3)])
     first = {p.id for p in three.problems if json.loads(p.meta)["instance"] == 0}
     assert {p.id for p in one.problems} == first
     by_template = defaultdict(set)
@@ -58,13 +58,13 @@ def test_gsm_symbolic_instances_do_not_depend_on_the_count():
 
 
 def test_gsm_symbolic_limit_and_all_eval():
-    res = load_source(SourceConfig(kind="gsm_symbolic", limit=30, seed=1))
+    res = load_problems([SourceConfig(kind="gsm_symbolic", limit=30, seed=1)])
     assert len(res.problems) == 30
-    assert {p.split for p in load_source(SourceConfig(kind="gsm_symbolic", eval_templates=100)).problems} == {"eval"}
+    assert {p.split for p in load_problems([SourceConfig(kind="gsm_symbolic", eval_templates=100)]).problems} == {"eval"}
 
 
 def test_champ():
-    res = load_source(SourceConfig(kind="champ", split="eval"))
+    res = load_problems([SourceConfig(kind="champ", split="eval")])
     assert len(res.problems) == 270 and res.skipped == []
     assert {p.split for p in res.problems} == {"eval"} and {p.source for p in res.problems} == {"champ"}
     metas = [json.loads(p.meta) for p in res.problems]
@@ -87,8 +87,9 @@ def test_gsm_symbolic_public_api_fallback(monkeypatch):
     # public generate_questions (same distribution, slower on big templates).
     from random import Random
 
-    import tasks.sources as sources
+    import stillhouse.tasks.problem_sets as problem_sets
+    from stillhouse.tasks.sources import normalize_reference
 
-    monkeypatch.setattr(sources, "_sampler", lambda template_id: None)
-    q = sources._instantiate(8, Random(0))  # a template with a small value space
-    assert "####" in q.answer and NUMBER.fullmatch(sources.normalize_reference(q.answer))
+    monkeypatch.setattr(problem_sets, "_sampler", lambda template_id: None)
+    q = problem_sets._instantiate(8, Random(0))  # a template with a small value space
+    assert "####" in q.answer and NUMBER.fullmatch(normalize_reference(q.answer))

@@ -1,11 +1,11 @@
-"""tiny-tutor (tasks.tiny_tutor): the tiny Llama briefly trained so that smoke runs see signal.
+"""tiny-tutor (stillhouse.tasks.models.tiny_tutor): the tiny Llama briefly trained so that smoke runs see signal.
 
 What the flow tests need from it, checked here with the DEFAULT prompts (PromptsConfig) through its
 chat template and the hf backend:
 
 - solve prompts on simple word problems, N=4 at T=0.7: sample accuracy strictly between 0 and 1,
   some groups with mixed rewards (non-zero advantages), answers in a format the verifier reads;
-- harder / similar prompts: "Problem: ..." replies that tasks.synthesis.parse_generated_problem
+- harder / similar prompts: "Problem: ..." replies that stillhouse.tasks.synthesis.parse.parse_generated_problem
   accepts for most parents, and a full `synthesize` call that keeps some problems;
 - a deterministic, idempotent build published like the other prepared names.
 
@@ -20,10 +20,13 @@ import shutil
 
 import pytest
 
-from tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
-from tasks.models import MANIFEST, PREPARED_NAMES, TUTOR_NAME, resolve_model
-from tasks.problems import Problem
-from tasks.tiny_tutor import build_tiny_tutor
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig, VerifierConfig
+from stillhouse.tasks.models.prepared import PREPARED_NAMES
+from stillhouse.tasks.models.publish import MANIFEST
+from stillhouse.tasks.models.resolve import resolve_model
+from stillhouse.tasks.models.tiny_tutor import TUTOR_NAME
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.models.tiny_tutor import build_tiny_tutor
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +53,7 @@ N = 4
 
 @pytest.fixture(scope="session")
 def tutor(tutor_dir):
-    from tasks.hf_backend import HFBackend
+    from stillhouse.tasks.backends.hf import HFBackend
 
     with HFBackend(tutor_dir, batch_size=16, device="cpu") as backend:
         yield backend
@@ -100,12 +103,14 @@ def test_full_build_is_deterministic(tmp_path, tutor_dir):
 
 
 def test_solves_simple_problems_sometimes(tutor):
-    from tasks.hf_backend import build_requests, sampling_params
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.backends.base import SamplingParams
+    from stillhouse.tasks.prompts import solve_requests
+    from stillhouse.tasks.verify.score import score_samples
 
     problems = _problems(SIMPLE)
     sampling = SamplingConfig(n=N, temperature=0.7, max_new_tokens=48)
-    completions = tutor.sample(build_requests(problems, N, sampling, PromptsConfig()), sampling_params(sampling))
+    completions = tutor.sample(solve_requests(problems, N, sampling.seed, PromptsConfig()),
+                               SamplingParams.from_config(sampling))
     refs = [p.answer for p in problems for _ in range(N)]
     results = score_samples([(c.text, r) for c, r in zip(completions, refs, strict=True)], workers=0)
     correct = [r.correct for r in results]
@@ -117,9 +122,9 @@ def test_solves_simple_problems_sometimes(tutor):
 
 
 def test_writes_problems_that_parse(tutor):
-    from tasks.backend import SampleRequest, SamplingParams
-    from tasks.prompts import harder_messages, similar_messages
-    from tasks.synthesis import parse_generated_problem
+    from stillhouse.tasks.backends.base import SampleRequest, SamplingParams
+    from stillhouse.tasks.prompts import harder_messages, similar_messages
+    from stillhouse.tasks.synthesis.parse import parse_generated_problem
 
     cfg = SynthesisConfig()
     parents = [q for q, _ in SIMPLE[:5]] + [STORY[0]]
@@ -137,7 +142,7 @@ def test_writes_problems_that_parse(tutor):
 
 
 def test_synthesis_keeps_some_problems(tutor):
-    from tasks.synthesis import synthesize
+    from stillhouse.tasks.synthesis.synthesize import synthesize
 
     pool = _problems(SIMPLE[:6]) + _problems([STORY])
     result = synthesize(

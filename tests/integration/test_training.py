@@ -6,18 +6,17 @@ import json
 
 import pytest
 
-from tasks.config import LoraConfig, TrainingConfig
-from tasks.training import (
-    ADAPTER_DIR,
-    CHECKPOINTS_DIR,
+from stillhouse.tasks.config import LoraConfig, TrainingConfig
+from stillhouse.tasks.training.checkpoints import ADAPTER_DIR, CHECKPOINTS_DIR
+from stillhouse.tasks.training.data import TrainExample, collate, encode_examples
+from stillhouse.tasks.training.trainer import (
     METRICS_FILE,
-    TrainExample,
     TrainResult,
     batch_loss,
-    encode_examples,
-    load_student,
+    load_base,
     match_target_modules,
     train_lora,
+    wrap_lora,
 )
 
 pytestmark = pytest.mark.integration
@@ -52,21 +51,27 @@ def _lora(**kw):
 
 
 def _peft_model(path, lora=None, seed=0):
-    from tasks.training import _load_base, _wrap_lora
-
     torch.manual_seed(seed)
-    return _wrap_lora(_load_base(path, torch.float32, "cpu"), lora or _lora(), None)
+    return wrap_lora(load_base(path, torch.float32, "cpu"), lora or _lora(), None)
+
+
+def load_student(base_model_path, adapter_dir, *, device="cpu"):
+    """Base model + trained LoRA adapter, unmerged, in eval mode: what the trainer saved, as PEFT
+    loads it (the pipeline's hf backend merges the adapter instead; merged logits are not bit-equal)."""
+    from peft import PeftModel
+
+    base = load_base(base_model_path, torch.float32, device)
+    base.config.use_cache = True
+    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
 
 
 def _batch(tok, examples, max_length=64):
-    from tasks.training import _collate
-
     enc = encode_examples(tok, examples, max_length)
-    return _collate(enc, list(range(len(enc.input_ids))), tok.pad_token_id)
+    return collate(enc, list(range(len(enc.input_ids))), tok.pad_token_id)
 
 
 def _sample_nll(model, tok, examples):
-    from tasks.weighted_loss import sample_mean_nll
+    from stillhouse.tasks.training.loss import sample_mean_nll
 
     ids, mask, labels, _ = _batch(tok, examples)
     with torch.no_grad():
@@ -199,9 +204,8 @@ def test_saved_and_reloaded_adapter_gives_identical_logits(tiny_model_dir, tok, 
 
 
 def test_unknown_target_modules_give_a_clear_error(tiny_model_dir, tok, tmp_path):
-    from tasks.training import _load_base
 
-    base = _load_base(tiny_model_dir, torch.float32, "cpu")
+    base = load_base(tiny_model_dir, torch.float32, "cpu")
     assert match_target_modules(base, ["q_proj", "nope"]) == ["q_proj"]
     with pytest.raises(ValueError, match="q_proj"):  # the message lists what the model has
         train_lora(tiny_model_dir, _examples(tok), tmp_path / "run", _cfg(), _lora(target_modules=["c_attn"]))

@@ -21,7 +21,7 @@ from uuid import UUID
 
 import pytest
 
-from storage.catalog import Catalog
+from stillhouse.storage.catalog import Catalog
 from tests.server.harness import K8S_TEMPLATE, PREFECT_FILE, SMOKE, group_rss_mib
 
 pytestmark = [pytest.mark.server, pytest.mark.integration, pytest.mark.slow]

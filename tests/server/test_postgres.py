@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.catalog import Catalog
+from stillhouse.storage.catalog import Catalog
 from tests.server.harness import free_port
 
 pytestmark = [pytest.mark.server, pytest.mark.integration]
@@ -187,7 +187,7 @@ def test_prefect_server_on_postgres_holds_pools_and_the_gpu_limit(postgres, tmp_
                                         "--host", "127.0.0.1", "--port", str(port)])
         wait_healthy(url, server)
         procs.run(sys.executable, "-m", "prefect", "work-pool", "create", "stillhouse-gpu", "--type", "process")
-        procs.run(sys.executable, "-m", "flows.cli", "gpu-limit", "--slots", "2")
+        procs.run(sys.executable, "-m", "stillhouse.flows.cli", "gpu-limit", "--slots", "2")
     finally:
         procs.stop_all()
     # What the server wrote is in PostgreSQL (the V1 tag limit is stored as a V2 limit `tag:gpu`).

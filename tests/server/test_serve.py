@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from storage.catalog import Catalog
+from stillhouse.storage.catalog import Catalog
 from tests.server.harness import SMOKE, Procs, alive, child_env, free_port, group_rss_mib
 
 pytestmark = [pytest.mark.server, pytest.mark.integration, pytest.mark.slow]
@@ -43,7 +43,7 @@ def test_serve_runs_the_config_on_its_schedule_and_stops_on_sigterm(tmp_path, mo
     server_pid = None
     try:
         serve = procs.start("serve", [
-            sys.executable, "-m", "flows.cli", "serve", str(SMOKE), "--cron", "* * * * *",
+            sys.executable, "-m", "stillhouse.flows.cli", "serve", str(SMOKE), "--cron", "* * * * *",
             "--workdir", str(workdir), "--port", str(port),
         ])
         found = _wait(lambda: re.search(r"prefect server: pid (\d+) at (\S+)", procs.log("serve")), 120,

@@ -6,8 +6,8 @@ model; the real hf backend goes through the same wrapper in the flow tests.
 
 import pytest
 
-from tasks.backend import Completion, SampleRequest, SamplingParams, derive_seed
-from tasks.cached_backend import ResumableBackend
+from stillhouse.tasks.backends.base import Completion, SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.backends.resumable import ResumableBackend
 
 pytestmark = pytest.mark.unit
 
@@ -87,7 +87,7 @@ def test_model_seconds_counts_model_load_once(tmp_path, monkeypatch):
     # A fake clock that only the model moves: loading takes 10 "seconds", each generate call 1.
     # The load happens inside the first shard's generate; counting it there too would report
     # model work that never happened (it did: the smoke run showed more model time than wall time).
-    import tasks.cached_backend as cb
+    import stillhouse.tasks.backends.resumable as cb
 
     clock = [0.0]
     monkeypatch.setattr(cb.time, "perf_counter", lambda: clock[0])

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.unit
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "stillhouse.flows.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_verify_scores_rows_and_reports_bad_ones(tmp_path):

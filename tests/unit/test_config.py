@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.config import ConfigError, RunConfig, load_config, parse_config
+from stillhouse.tasks.config import ConfigError, RunConfig, load_config, parse_config
 
 pytestmark = pytest.mark.unit
 
@@ -41,7 +41,7 @@ def test_every_field_has_a_description():
 
     walk(RunConfig, "")
     # list-of-model fields: the sub-models are checked on their own
-    from tasks.config import ColumnMap, SourceConfig
+    from stillhouse.tasks.config import ColumnMap, SourceConfig
 
     walk(SourceConfig, "problems[].")
     walk(ColumnMap, "problems[].columns.")

@@ -48,7 +48,7 @@ def test_files_exist():
 def test_every_deployment_starts_the_scheduled_entry_flow():
     from prefect.flows import Flow, load_flow_from_entrypoint
 
-    from flows.scheduled import scheduled_distill
+    from stillhouse.flows.scheduled import scheduled_distill
 
     deployments = _deployments()
     assert {"gsm8k-nightly", "gsm8k-weekly-k8s"} <= set(deployments)
@@ -60,7 +60,7 @@ def test_every_deployment_starts_the_scheduled_entry_flow():
 
 @pytest.mark.parametrize("name", ["gsm8k-nightly", "gsm8k-weekly-k8s"])
 def test_parameters_bind_to_the_flow_and_give_a_valid_run_config(name):
-    from flows.scheduled import resolve_config, scheduled_distill
+    from stillhouse.flows.scheduled import resolve_config, scheduled_distill
 
     params = _deployments()[name]["parameters"]
     inspect.signature(scheduled_distill.fn).bind(**params)  # no unknown or missing parameter
@@ -80,7 +80,7 @@ def test_parameters_match_the_flows_published_schema():
     import jsonschema
     from prefect.utilities.callables import parameter_schema
 
-    from flows.scheduled import scheduled_distill
+    from stillhouse.flows.scheduled import scheduled_distill
 
     schema = parameter_schema(scheduled_distill).model_dump_for_openapi()
     for name, d in _deployments().items():
@@ -110,7 +110,7 @@ def test_modes_continue_on_the_gpu_box_and_dated_on_kubernetes():
 
 
 def test_deploy_time_build_step_sets_the_gpu_limit():
-    from flows.cli import build_parser
+    from stillhouse.flows.cli import build_parser
 
     steps = _prefect_yaml()["build"]
     scripts = [s["prefect.deployments.steps.run_shell_script"]["script"] for s in steps
@@ -243,14 +243,14 @@ class _Ticks:
     def __init__(self, monkeypatch):
         import logging
 
-        import flows.scheduled as scheduled
+        import stillhouse.flows.scheduled as scheduled
 
         self.calls: list = []
         self.log = logging.getLogger("test-ticks")
 
         def fake_distill(cfg):
-            from storage.catalog import Catalog
-            from tasks.report import record_round
+            from stillhouse.storage.catalog import Catalog
+            from stillhouse.tasks.report import record_round
 
             self.calls.append(cfg)
             with Catalog(cfg.workdir) as cat:
@@ -294,7 +294,7 @@ def test_continue_adds_rounds_per_tick_then_reports_finished(ticks, tmp_path, ca
 
 
 def test_a_committed_round_without_its_summary_is_not_complete(ticks, tmp_path):
-    from flows.scheduled import completed_rounds
+    from stillhouse.flows.scheduled import completed_rounds
 
     config = _smoke(tmp_path)
     ticks.fn(config, rounds_per_run=2)
@@ -308,7 +308,7 @@ def test_a_committed_round_without_its_summary_is_not_complete(ticks, tmp_path):
 def test_dated_mode_runs_in_a_workdir_and_name_of_the_tick_date(ticks, tmp_path, monkeypatch):
     from datetime import UTC, datetime
 
-    import flows.scheduled as scheduled
+    import stillhouse.flows.scheduled as scheduled
 
     monkeypatch.setattr(scheduled, "_tick_time", lambda: datetime(2026, 3, 7, 23, 30, tzinfo=UTC))
     config = _smoke(tmp_path)
@@ -322,7 +322,7 @@ def test_dated_mode_runs_in_a_workdir_and_name_of_the_tick_date(ticks, tmp_path,
 
 
 def test_a_workdir_held_by_another_process_skips_the_tick(ticks, tmp_path):
-    from storage.lock import RunLock
+    from stillhouse.storage.lock import RunLock
 
     config = _smoke(tmp_path)
     with RunLock(config["workdir"]):
@@ -332,8 +332,8 @@ def test_a_workdir_held_by_another_process_skips_the_tick(ticks, tmp_path):
 
 
 def test_config_path_overrides_and_bad_values(tmp_path):
-    from flows.scheduled import dated_config, resolve_config
-    from tasks.config import ConfigError
+    from stillhouse.flows.scheduled import dated_config, resolve_config
+    from stillhouse.tasks.config import ConfigError
 
     cfg = resolve_config(str(REPO / "configs" / "smoke.yaml"), {"rounds": 5, "workdir": None})
     assert cfg.rounds == 5 and cfg.workdir == "runs/smoke"  # None = keep the config's value

@@ -3,13 +3,13 @@ import sys
 
 import pytest
 
-from storage.lock import RunLock, RunLockedError
+from stillhouse.storage.lock import RunLock, RunLockedError
 
 pytestmark = pytest.mark.unit
 
 HOLD = """
 import sys, time
-from storage.lock import RunLock
+from stillhouse.storage.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("held", flush=True)
 time.sleep(60)

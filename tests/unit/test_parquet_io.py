@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import storage.parquet_io as pio
+import stillhouse.storage.parquet_io as pio
 
 pytestmark = pytest.mark.unit
 
@@ -140,3 +140,31 @@ def test_shards_resume_only_what_is_missing(tmp_path):
     assert pio.read_output(out)["i"].to_pylist() == list(range(8))
     assert pio.read_manifest(out)["meta"] == {"step": "sample", "n_shards": 4}
     assert pio.shard_path(out, 7).name == "part-00007.parquet"
+
+
+def test_cached_output_computes_once_and_redoes_an_incomplete_folder(tmp_path):
+    calls = []
+
+    def compute(out: Path) -> dict:
+        calls.append(out)
+        pio.write_parquet_atomic(table(3), out / "part.parquet")
+        return {"n": 3}
+
+    key = pio.content_hash({"inputs": 1})
+    out, computed = pio.cached_output(tmp_path, "step", key, compute)
+    assert computed and out == pio.cached_path(tmp_path, "step", key[:32])
+    assert pio.read_output(out).num_rows == 3 and pio.read_manifest(out)["meta"] == {"n": 3}
+    assert pio.cached_output(tmp_path, "step", key, compute) == (out, False) and len(calls) == 1
+    (out / pio.MANIFEST).unlink()  # a crash before the manifest: the folder is redone
+    assert pio.cached_output(tmp_path, "step", key, compute) == (out, True) and len(calls) == 2
+
+
+def test_publish_dir_replaces_a_folder_whole(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    tmp = tmp_path / ".model.tmp"
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    assert pio.publish_dir(tmp, final) == final
+    assert listing(final) == ["new.txt"] and not tmp.exists()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.config import PromptsConfig
-from tasks.problems import Problem
-from tasks.prompts import (
+from stillhouse.tasks.config import PromptsConfig
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.prompts import (
     PLAIN_TEXT_STOP,
     fill,
     harder_messages,

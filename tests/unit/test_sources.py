@@ -8,9 +8,9 @@ import typing
 
 import pytest
 
-from tasks.config import ColumnMap, SourceConfig
-from tasks.problems import problem_id
-from tasks.sources import (
+from stillhouse.tasks.config import ColumnMap, SourceConfig
+from stillhouse.tasks.problems import problem_id
+from stillhouse.tasks.sources import (
     ARITHMETIC_STORIES,
     LOADERS,
     SkippedRow,
@@ -18,7 +18,6 @@ from tasks.sources import (
     arithmetic_split,
     gsm_symbolic_split,
     load_problems,
-    load_source,
     normalize_reference,
 )
 
@@ -103,7 +102,7 @@ def test_normalize_reference(raw, expected):
 @pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
 def test_file_with_column_map(tmp_path, kind):
     path = WRITERS[kind](tmp_path / f"my_set.{kind}", ROWS)
-    res = load_source(SourceConfig(kind=kind, path=str(path), columns=MAPPED, split="eval"))
+    res = load_problems([SourceConfig(kind=kind, path=str(path), columns=MAPPED, split="eval")])
     assert res.skipped == []
     assert [p.answer for p in res.problems] == ["7", "2468", "2.5"]
     assert [p.question for p in res.problems] == [r["problem"] for r in ROWS]
@@ -117,7 +116,7 @@ def test_file_with_column_map(tmp_path, kind):
 
 def test_name_overrides_source_label(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "1+1?", "answer": "2"}])
-    (p,) = load_source(SourceConfig(kind="jsonl", path=str(path), name="seed-set")).problems
+    (p,) = load_problems([SourceConfig(kind="jsonl", path=str(path), name="seed-set")]).problems
     assert p.source == "seed-set" and p.answer == "2" and p.split == "train"
 
 
@@ -137,8 +136,8 @@ def test_jsonl_skip_report(tmp_path, caplog):
         {"question": {"nested": 1}, "answer": "1"},  # 11 not text
         {"question": "What is 5+5?", "answer": 10},  # 12 ok: numbers are text too
     ])
-    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
-        res = load_source(SourceConfig(kind="jsonl", path=str(path)))
+    with caplog.at_level(logging.WARNING, logger="stillhouse.tasks.sources"):
+        res = load_problems([SourceConfig(kind="jsonl", path=str(path))])
     assert [(p.question, p.answer) for p in res.problems] == [("What is 2+2?", "4"), ("What is 5+5?", "10")]
     got = [(s.source, s.row, s.field, s.reason) for s in res.skipped]
     assert got[:3] == [("messy", 2, "question", "missing"), ("messy", 3, "answer", "empty")] + [
@@ -164,7 +163,7 @@ def test_csv_skip_report_uses_data_row_numbers(tmp_path):
         {"q": "What is 2+2?", "a": ""},
         {"q": "What is 3+3?", "a": "#### 6"},
     ], ["q", "a"])
-    res = load_source(SourceConfig(kind="csv", path=str(path), columns=ColumnMap(question="q", answer="a")))
+    res = load_problems([SourceConfig(kind="csv", path=str(path), columns=ColumnMap(question="q", answer="a"))])
     assert [p.answer for p in res.problems] == ["2", "6"]
     assert res.skipped == [SkippedRow("t", 2, "question", "empty"), SkippedRow("t", 3, "answer", "empty")]
 
@@ -173,7 +172,7 @@ def test_parquet_nulls_are_reported(tmp_path):
     path = write_parquet(tmp_path / "n.parquet", [
         {"question": "What is 1+1?", "answer": "2"}, {"question": None, "answer": "3"},
     ])
-    res = load_source(SourceConfig(kind="parquet", path=str(path)))
+    res = load_problems([SourceConfig(kind="parquet", path=str(path))])
     assert len(res.problems) == 1
     assert res.skipped == [SkippedRow("n", 2, "question", "missing")]
 
@@ -182,7 +181,7 @@ def test_parquet_nulls_are_reported(tmp_path):
 def test_unknown_column_is_a_clear_error(tmp_path, kind):
     path = WRITERS[kind](tmp_path / f"f.{kind}", ROWS)
     with pytest.raises(SourceError) as err:
-        load_source(SourceConfig(kind=kind, path=str(path), columns=ColumnMap(question="problem", answer="answer")))
+        load_problems([SourceConfig(kind=kind, path=str(path), columns=ColumnMap(question="problem", answer="answer"))])
     msg = str(err.value)
     assert "'answer'" in msg and str(path) in msg
     assert "'problem', 'solution', 'uid'" in msg  # lists what is there
@@ -192,14 +191,14 @@ def test_unknown_column_is_a_clear_error(tmp_path, kind):
 def test_unreadable_path_names_the_path(tmp_path, kind):
     missing = tmp_path / "nope" / f"data.{kind}"
     with pytest.raises(SourceError, match=str(missing)):
-        load_source(SourceConfig(kind=kind, path=str(missing)))
+        load_problems([SourceConfig(kind=kind, path=str(missing))])
 
 
 def test_corrupt_parquet_names_the_path(tmp_path):
     path = tmp_path / "bad.parquet"
     path.write_text("not parquet")
     with pytest.raises(SourceError, match="bad.parquet"):
-        load_source(SourceConfig(kind="parquet", path=str(path)))
+        load_problems([SourceConfig(kind="parquet", path=str(path))])
 
 
 # --------------------------------------------------------------------------- hf save_to_disk
@@ -218,17 +217,17 @@ def test_hf_saved_dataset_round_trip_offline(tmp_path, monkeypatch):
         "test": datasets.Dataset.from_dict({k: v[:1] for k, v in rows.items()}),
     }).save_to_disk(str(tmp_path / "dict"))
 
-    single = load_source(SourceConfig(kind="hf", path=str(tmp_path / "single"), columns=MAPPED))
+    single = load_problems([SourceConfig(kind="hf", path=str(tmp_path / "single"), columns=MAPPED)])
     assert [p.answer for p in single.problems] == ["7", "2468", "2.5"]
     assert single.problems[0].source == "single"
     assert json.loads(single.problems[1].meta) == {"row": 2, "upstream_id": "a2"}
 
-    test = load_source(SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="test", columns=MAPPED))
+    test = load_problems([SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="test", columns=MAPPED)])
     assert [p.id for p in test.problems] == [single.problems[0].id]
     with pytest.raises(SourceError, match="validation"):
-        load_source(SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="validation", columns=MAPPED))
+        load_problems([SourceConfig(kind="hf", path=str(tmp_path / "dict"), hf_split="validation", columns=MAPPED)])
     with pytest.raises(SourceError, match="'question'"):
-        load_source(SourceConfig(kind="hf", path=str(tmp_path / "single")))
+        load_problems([SourceConfig(kind="hf", path=str(tmp_path / "single"))])
 
 
 # --------------------------------------------------------------------------- ids, dedup, limit
@@ -237,7 +236,7 @@ def test_hf_saved_dataset_round_trip_offline(tmp_path, monkeypatch):
 def test_ids_stable_across_calls(tmp_path):
     path = WRITERS["jsonl"](tmp_path / "s.jsonl", ROWS)
     cfg = SourceConfig(kind="jsonl", path=str(path), columns=MAPPED)
-    first, second = load_source(cfg), load_source(cfg)
+    first, second = load_problems([cfg]), load_problems([cfg])
     assert [p.id for p in first.problems] == [p.id for p in second.problems]
     assert [p.id for p in first.problems] == [problem_id(p.question, p.answer) for p in first.problems]
 
@@ -267,7 +266,7 @@ def test_limit_is_a_seeded_shuffle(tmp_path):
     path = write_jsonl(tmp_path / "many.jsonl", rows)
 
     def ids(**kw):
-        return [p.id for p in load_source(SourceConfig(kind="jsonl", path=str(path), **kw)).problems]
+        return [p.id for p in load_problems([SourceConfig(kind="jsonl", path=str(path), **kw)]).problems]
 
     everything = ids()
     assert len(everything) == 50 and len(ids(limit=10)) == 10
@@ -307,7 +306,7 @@ def test_hf_hub_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
     folder = tmp_path / "hub_like"
     folder.mkdir()
     write_jsonl(folder / "test.jsonl", [{"question": r["problem"], "answer": r["solution"]} for r in ROWS])
-    res = load_source(SourceConfig(kind="hf", dataset=str(folder), hf_split="test"))
+    res = load_problems([SourceConfig(kind="hf", dataset=str(folder), hf_split="test")])
     assert [p.answer for p in res.problems] == ["7", "2468", "2.5"]
     assert res.problems[0].source == str(folder)
 
@@ -316,7 +315,7 @@ def test_hf_hub_path_on_a_local_dataset_folder(tmp_path, monkeypatch):
 
 
 def arithmetic(**kw):
-    return load_source(SourceConfig(kind="arithmetic", **{"eval_templates": 4, **kw}))
+    return load_problems([SourceConfig(kind="arithmetic", **{"eval_templates": 4, **kw})])
 
 
 def test_arithmetic_split_is_by_story_and_answers_are_integers():
@@ -375,14 +374,14 @@ def test_arithmetic_is_seeded_and_difficulty_changes_the_draws():
 def test_arithmetic_tiny_range_reports_missing_instances(caplog):
     # max_operand=3, one add step: start 3, operand 2 or 3 -> only a few distinct questions per
     # item/name, so asking for many instances gives fewer, with a warning, never a hang.
-    with caplog.at_level(logging.WARNING, logger="tasks.sources"):
+    with caplog.at_level(logging.WARNING, logger="stillhouse.tasks.sources"):
         res = arithmetic(max_operand=3, operations=["add"], instances_per_template=500)
     assert 0 < len(res.problems) < 500 * len(ARITHMETIC_STORIES)
     assert "distinct instances" in caplog.text
 
 
 def test_arithmetic_config_rejects_mul_only_multistep():
-    from tasks.config import ConfigError, parse_config
+    from stillhouse.tasks.config import ConfigError, parse_config
 
     with pytest.raises(ConfigError, match="mul"):
         parse_config({

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from tasks.config import SourceConfig
-from tasks.sources import load_problems
+from stillhouse.tasks.config import SourceConfig
+from stillhouse.tasks.sources import load_problems
 
 pytestmark = pytest.mark.unit
 

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from tasks.config import SplitConfig
-from tasks.problems import Problem
-from tasks.split import split_by_pass_rate
+from stillhouse.tasks.config import SplitConfig
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.split import split_by_pass_rate
 
 pytestmark = pytest.mark.unit
 

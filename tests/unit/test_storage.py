@@ -14,9 +14,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-import storage.catalog as catalog_mod
-from storage import schema as S
-from storage.catalog import Catalog, CatalogError, CatalogLockedError, RoundCommittedError
+import stillhouse.storage.catalog as catalog_mod
+from stillhouse.storage import schema as S
+from stillhouse.storage.catalog import Catalog, CatalogError, CatalogLockedError, RoundCommittedError
 
 pytestmark = pytest.mark.unit
 
@@ -400,7 +400,7 @@ def test_second_writer_fails_fast_with_a_clear_error(run):
     holder = textwrap.dedent(
         """
         import sys
-        from storage.catalog import Catalog
+        from stillhouse.storage.catalog import Catalog
         cat = Catalog(sys.argv[1])
         print("ready", flush=True)
         sys.stdin.read()
@@ -488,3 +488,60 @@ def test_bulk_files_follow_the_lakes_parquet_options(tmp_path):
         md = pq.ParquetFile(path).metadata
         assert md.row_group(0).column(0).compression == "ZSTD"
         assert cat.read("samples").num_rows == 3
+
+
+# ---------------------------------------------------------------------------- synthesis records
+
+
+def record(parent: str, *, kept: str | None = None, reason: str | None = None, rnd: int = 0) -> dict:
+    return {
+        "round": rnd, "synthesis_key": "sk0", "generation_key": f"synth/r{rnd}/harder/{parent}",
+        "parent_id": parent, "operation": "harder", "seed": 7, "reply": f"Problem: harder {parent}?",
+        "finish_reason": "stop", "question": None if reason in ("empty", "too_short") else f"harder {parent}?",
+        "status": "kept" if kept else "dropped", "reason": reason,
+        "detail": None if kept else f"why {parent}", "problem_id": kept, "answer": "3" if kept else None,
+        "agreement": 0.75 if kept else 0.25, "votes": ["3", "3", "3", None],
+    }
+
+
+def test_synthesis_records_are_written_with_their_problems_and_explain_drops(tmp_path):
+    with Catalog(tmp_path) as cat:
+        cat.add_problems([problem(p) for p in SEEDS])
+        cat.add_samples([sample(p, 0, 0) for p in SEEDS])
+        cat.commit_round(0, {}, config_hash="cfg")
+        cat.add_split_labels([{"round": 0, "student_key": "k0", "problem_id": p, "pass_rate": 1.0,
+                               "label": "easy"} for p in SEEDS])
+        assert cat.split_labels(0, "k0") == dict.fromkeys(SEEDS, "easy")
+        assert cat.split_labels(0, "other") == {}
+        records = [record("s0", kept="h0"), record("s1", reason="no_agreement"), record("s2", reason="too_short")]
+        snap = cat.current_snapshot()
+        kept = [problem("h0", parent="s0", op="harder", rnd=1)]
+        assert cat.add_synthesis(kept, records) == (1, 3)
+        assert cat.current_snapshot() == snap + 1  # problems and their records: one snapshot
+        assert cat.add_synthesis(kept, records) == (0, 0)  # idempotent
+        assert cat.current_snapshot() == snap + 1
+        cat.add_samples([sample(p, 1, 0) for p in SEEDS + ["h0"]])
+        cat.commit_round(1, {}, config_hash="cfg")
+        got = cat.synthesis_records(0).to_pylist()
+        assert [r["status"] for r in got] == ["kept", "dropped", "dropped"]
+        assert json.loads(got[0]["votes"]) == ["3", "3", "3", None]
+        d = cat.diff(0, 1)
+        assert d.problems_added == ["h0"]
+        assert d.dropped_by_reason == {"no_agreement": 1, "too_short": 1}
+        assert [(x["parent_id"], x["reason"], x["detail"]) for x in d.dropped] == [
+            ("s1", "no_agreement", "why s1"), ("s2", "too_short", "why s2")]
+        assert cat.diff(0, 0).dropped == []
+    with pytest.raises(ValueError, match="synthesis_records.status"):
+        with Catalog(tmp_path) as cat:
+            cat.add_synthesis([], [{**record("s0", rnd=2), "status": "maybe"}])
+
+
+def test_read_only_open_of_a_catalog_without_synthesis_records(tmp_path):
+    with Catalog(tmp_path) as cat:
+        cat.add_problems([problem(p) for p in SEEDS])
+        cat.con.execute(f"DROP TABLE {cat.alias}.synthesis_records")  # as written before the table existed
+    with Catalog(tmp_path, read_only=True) as cat:
+        assert cat.synthesis_records().num_rows == 0
+        assert cat.read("problems").num_rows == len(SEEDS)
+    with Catalog(tmp_path) as cat:  # a writable open adds it
+        assert cat.synthesis_records().num_rows == 0 and "synthesis_records" in cat._existing_tables()

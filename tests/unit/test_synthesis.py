@@ -12,21 +12,21 @@ from fractions import Fraction
 
 import pytest
 
-from tasks.backend import Completion
-from tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig
-from tasks.problems import Problem
-from tasks.synthesis import (
-    DROP_REASONS,
-    ContaminationIndex,
-    DedupIndex,
-    jaccard,
-    majority_answer,
-    numeric_value,
-    parse_generated_problem,
-    synthesize,
-    vote,
-    word_ngrams,
-)
+from stillhouse.tasks.backends.base import Completion
+from stillhouse.tasks.config import PromptsConfig, SamplingConfig, SynthesisConfig
+from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.synthesis.dedup import ContaminationIndex, DedupIndex, jaccard, word_ngrams
+from stillhouse.tasks.synthesis.parse import parse_generated_problem
+from stillhouse.tasks.synthesis.synthesize import DROP_REASONS, synthesize
+from stillhouse.tasks.synthesis.vote import verifier_equivalence, vote
+from stillhouse.tasks.verify.numbers import numeric_value
+
+
+def majority_answer(answers, threshold, *, use_verifier=True, workers=0):
+    """(answer, agreement) as synthesize() votes: value/text groups, merged by the verifier."""
+    equivalent = verifier_equivalence([answers], workers=workers) if use_verifier else None
+    v = vote(answers, threshold, equivalent=equivalent)
+    return v.answer, v.agreement
 
 pytestmark = pytest.mark.unit
 
@@ -425,7 +425,7 @@ def test_synthesize_source_suffix_not_repeated():
 
 
 def test_synthesize_vote_uses_the_verifier_for_symbolic_answers():
-    from tasks.config import VerifierConfig
+    from stillhouse.tasks.config import VerifierConfig
 
     q = "Let $n$ be a positive integer. Find a closed form for $n$ plus one, in terms of $n$."
     backend = ScriptedBackend(

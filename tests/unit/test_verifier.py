@@ -18,17 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tasks import verifier
-from tasks.answer_extraction import Extraction, extract_answer
-from tasks.verifier import (
-    VerifyInputError,
-    VerifyItem,
-    VerifyResult,
-    answers_match,
-    normalize_answer,
-    score_samples,
-    verify_jsonl,
-)
+from stillhouse.tasks.verify import equivalence, pool, score
+from stillhouse.tasks.verify.extract import Extraction, extract_answer
+from stillhouse.tasks.verify.equivalence import answers_match, normalize_answer
+from stillhouse.tasks.verify.jsonl import verify_jsonl
+from stillhouse.tasks.verify.score import VerifyInputError, VerifyItem, VerifyResult, score_samples
 
 try:  # tests/ may become a package; worker processes import the module under the same name
     from tests.unit import verifier_cases as vc
@@ -202,7 +196,7 @@ def test_plain_numbers_are_decided_without_math_verify(pred, ref, expected, monk
     def forbidden(*args, **kwargs):
         raise AssertionError("Math-Verify called for plain numbers")
 
-    monkeypatch.setattr(verifier, "_symbolic_match", forbidden)
+    monkeypatch.setattr(score, "_symbolic_match", forbidden)
     assert answers_match(pred, ref, timeout_s=1.0) == (expected, None)
 
 
@@ -276,7 +270,7 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
     sentinel = tmp_path / "pwned"
     monkeypatch.delenv("STILLHOUSE_PWNED", raising=False)
     marker = "untouched"
-    verifier.__dict__["_INJECTION_MARKER"] = marker
+    score.__dict__["_INJECTION_MARKER"] = marker
     payloads = [
         f"__import__('os').system('touch {sentinel}')",
         f"__import__('pathlib').Path('{sentinel}').touch()",
@@ -285,7 +279,7 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
         "eval(\"__import__('os').environ.__setitem__('STILLHOUSE_PWNED', '1')\")",
         f"(lambda: __import__('subprocess').call(['touch', '{sentinel}']))()",
         "globals().update(_INJECTION_MARKER='pwned')",
-        "__import__('tasks.verifier').verifier.__dict__.update(_INJECTION_MARKER='pwned')",
+        "__import__('stillhouse.tasks.verify.score').tasks.verify.score.__dict__.update(_INJECTION_MARKER='pwned')",
         f"1; import os; os.system('touch {sentinel}')",
         f"{{}}.__class__.__base__.__subclasses__()",
     ]
@@ -300,7 +294,7 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
     real_parse_expr = mvp.parse_expr
     monkeypatch.setattr(mvp, "parse_expr", lambda s, **kw: (seen.append(s), real_parse_expr(s, **kw))[1])
     mvp.parse_expr_cached.cache_clear()
-    verifier._parse.cache_clear()
+    equivalence._parse.cache_clear()
 
     for resp in responses:
         assert not answers_match(resp, "424242", timeout_s=2.0)[0]
@@ -311,9 +305,9 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
 
     assert not sentinel.exists()
     assert "STILLHOUSE_PWNED" not in os.environ
-    assert verifier.__dict__["_INJECTION_MARKER"] == marker
+    assert score.__dict__["_INJECTION_MARKER"] == marker
     assert all(re.fullmatch(r"[\d\s.+\-*/^()×÷]*", s) for s in seen), seen
-    del verifier.__dict__["_INJECTION_MARKER"]
+    del score.__dict__["_INJECTION_MARKER"]
 
 
 # --------------------------------------------------------------------------- pool and guards
@@ -325,7 +319,7 @@ def test_hard_guard_recovers_from_hung_and_dead_workers():
     tasks[7] = (7, "DIE", "x")  # the worker process exits mid-chunk
     tasks[9] = (9, "RAISE", "x")  # an exception inside the item function
     started = time.monotonic()
-    out = verifier._run_pool(tasks, timeout_s=0.5, workers=2, item_fn=vc.echo_item, chunk_size=6)
+    out = pool._run_pool(tasks, timeout_s=0.5, workers=2, item_fn=vc.echo_item, chunk_size=6)
     assert time.monotonic() - started < 30
     assert set(out) == set(range(12))
     assert out[3][0] is False and "hard time limit" in out[3][1]
@@ -358,13 +352,13 @@ def test_empty_input():
 
 def test_cache_checks_each_distinct_pair_once(monkeypatch):
     calls: list[tuple[str, str]] = []
-    real = verifier._symbolic_match
+    real = score._symbolic_match
 
     def counting(pred, ref, timeout_s):
         calls.append((pred, ref))
         return real(pred, ref, timeout_s)
 
-    monkeypatch.setattr(verifier, "_symbolic_match", counting)
+    monkeypatch.setattr(score, "_symbolic_match", counting)
     items = [("\\boxed{\\frac{\\sqrt2}{2}}", "\\frac{1}{\\sqrt2}")] * 6 + [("\\boxed{x}", "y")] * 2
     first = score_samples(items, workers=0)
     assert len(calls) == 2

@@ -5,7 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from tasks.weighted_loss import IGNORE_INDEX, sample_mean_nll, weighted_completion_loss  # noqa: E402
+from stillhouse.tasks.training.loss import IGNORE_INDEX, sample_mean_nll, weighted_completion_loss  # noqa: E402
 
 pytestmark = pytest.mark.unit
 

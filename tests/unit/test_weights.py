@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from tasks.config import RewardConfig, WeightingConfig
-from tasks.weights import compute_weights, group_advantages, sample_reward
+from stillhouse.tasks.config import RewardConfig, WeightingConfig
+from stillhouse.tasks.weights import compute_weights, group_advantages, sample_reward
 
 pytestmark = pytest.mark.unit
 
@@ -44,7 +44,6 @@ def test_equal_rewards_give_zero_weight_and_are_counted():
     assert res.weights[:6] == [0.0] * 6
     assert res.weights[6:] == pytest.approx([1.0, -1.0])
     assert res.groups == 3 and res.degenerate_groups == 2
-    assert res.degenerate_share == pytest.approx(2 / 3)
 
 
 def test_interleaved_groups_match_contiguous():
@@ -97,4 +96,4 @@ def test_length_mismatch_is_an_error():
 
 def test_empty_input():
     res = compute_weights([], [], [], WeightingConfig())
-    assert res.weights == [] and res.groups == 0 and res.degenerate_share == 0.0
+    assert res.weights == [] and res.groups == 0 and res.degenerate_groups == 0

@@ -27,7 +27,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def vllm_python() -> Path:
-    from tasks.vllm_backend import resolve_vllm_python
+    from stillhouse.tasks.backends.vllm import resolve_vllm_python
 
     try:
         return Path(resolve_vllm_python(None))
@@ -61,7 +61,7 @@ def vllm_cpu_engine() -> dict:
 
 @pytest.fixture(scope="session")
 def vllm_backend(vllm_model_dir, vllm_python, vllm_cpu_engine, tmp_path_factory):
-    from tasks.vllm_backend import VLLMBackend
+    from stillhouse.tasks.backends.vllm import VLLMBackend
 
     b = VLLMBackend(vllm_model_dir, work_dir=tmp_path_factory.mktemp("vllm-work"), vllm_python=str(vllm_python),
                     cleanup=True, **vllm_cpu_engine)

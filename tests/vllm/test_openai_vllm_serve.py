@@ -28,10 +28,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import ModelConfig
-from tasks.openai_backend import OpenAIBackendError
-from tasks.round_steps import BACKENDS
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import ModelConfig
+from stillhouse.tasks.backends.openai import OpenAIBackendError
+from stillhouse.tasks.backends.open import BACKENDS
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

@@ -16,11 +16,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import ModelConfig, PromptsConfig
-from tasks.hf_backend import HFBackend
-from tasks.prompts import harder_messages, solve_messages
-from tasks.vllm_backend import REPO_ROOT
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import ModelConfig, PromptsConfig
+from stillhouse.tasks.backends.hf import HFBackend
+from stillhouse.tasks.prompts import harder_messages, solve_messages
+from stillhouse.tasks.backends.vllm import REPO_ROOT
 
 pytestmark = pytest.mark.vllm
 
@@ -161,7 +161,7 @@ def test_worker_cli_n_samples_use_seed_plus_index(backend, vllm_python, vllm_mod
               "gpu_memory_utilization": vllm_cpu_engine["gpu_memory_utilization"],
               "engine_args": vllm_cpu_engine["engine_args"]}
     proc = subprocess.run(
-        [str(vllm_python), "-m", "tasks.vllm_worker", "--engine", json.dumps(engine),
+        [str(vllm_python), "-m", "tasks.backends.vllm_worker", "--engine", json.dumps(engine),
          "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out.parquet")],
         cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True, text=True, timeout=600,
@@ -209,7 +209,7 @@ def test_student_eval_lora_request_equals_hf_peft(vllm_model_dir, vllm_python, v
                                                    hf, tmp_path):
     """The student path of a round: BACKENDS['vllm'](model, batch, adapter) -> LoRARequest, unmerged;
     hf merges the same adapter. Greedy answers must agree, and differ from the base model's."""
-    from tasks.round_steps import BACKENDS
+    from stillhouse.tasks.backends.open import BACKENDS
 
     model = ModelConfig(
         name_or_path=str(vllm_model_dir), backend="vllm", vllm_python=str(vllm_python),

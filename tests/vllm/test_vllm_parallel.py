@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tasks.backend import SampleRequest, SamplingParams, derive_seed
-from tasks.config import PromptsConfig
-from tasks.prompts import harder_messages, solve_messages
-from tasks.vllm_backend import VLLMBackend, VLLMWorkerError, gpu_groups, resolve_vllm_python
+from stillhouse.tasks.backends.base import SampleRequest, SamplingParams, derive_seed
+from stillhouse.tasks.config import PromptsConfig
+from stillhouse.tasks.prompts import harder_messages, solve_messages
+from stillhouse.tasks.backends.vllm import VLLMBackend, VLLMWorkerError, gpu_groups, resolve_vllm_python
 
 pytestmark = pytest.mark.vllm
 

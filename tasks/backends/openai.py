@@ -54,12 +54,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import email.utils
-import hashlib
 import json
 import logging
 import os
 import random
-import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -67,8 +65,8 @@ from typing import Any
 
 import httpx
 
-from storage.parquet_io import write_json_atomic
-from tasks.backend import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.backends.journal import JOURNAL_VERSION, Journal, completion_of, record_id, record_of, scope_id
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +74,6 @@ MAX_BACKOFF_S = 60.0  # the longest computed wait between two attempts
 MAX_RETRY_AFTER_S = 300.0  # a server asking for a longer pause fails the call instead
 _BODY_CHARS = 500  # how much of a server's error body goes into an error message
 _RETRY_STATUS = frozenset({408, 409, 429})  # plus every 5xx
-_JOURNAL_VERSION = 1
 
 # finish_reason values of OpenAI-compatible servers mapped to ours; "abort" (vLLM: the engine dropped
 # the request) and a missing reason mean the text is incomplete, so the call is retried instead.
@@ -90,14 +87,6 @@ _INCOMPLETE = frozenset({None, "abort"})
 
 class OpenAIBackendError(RuntimeError):
     """A call failed for good: not retryable, or retries exhausted. The message names the request."""
-
-
-def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-
-
-def _record_id(r: SampleRequest) -> str:
-    return _hash([r.key, r.sample_index, r.seed, list(r.messages)])[:32]
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -116,72 +105,6 @@ def _retry_after_s(value: str | None) -> float | None:
     if when is None:
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-class Journal:
-    """Append-only JSONL records of completed responses for one scope (a folder of files)."""
-
-    def __init__(self, folder: Path, scope: dict):
-        self.folder = folder
-        self.scope = scope
-        self.records: dict[str, dict] = {}
-        self._fd: int | None = None
-        self.path: Path | None = None  # this instance's file, created on the first append
-        self._load()
-
-    def _load(self) -> None:
-        if not self.folder.is_dir():
-            return
-        for path in sorted(self.folder.glob("*.jsonl")):
-            lines = path.read_bytes().split(b"\n")
-            for i, line in enumerate(lines):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    rid = rec["id"]
-                    # Fields a Completion needs; a record without them is not usable.
-                    rec["key"], rec["sample_index"], rec["text"], rec["finish_reason"]  # noqa: B018
-                except (ValueError, KeyError, TypeError):
-                    # A kill mid-write leaves a torn last line: expected, and the response is simply
-                    # requested again. Damage anywhere else is worth a warning.
-                    if i == len(lines) - 1:
-                        log.info("journal %s: skipping torn last line", path)
-                    else:
-                        log.warning("journal %s line %d: unreadable record skipped", path, i + 1)
-                    continue
-                self.records[rid] = rec
-
-    def _open(self) -> int:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        scope_file = self.folder / "scope.json"
-        if not scope_file.exists():  # for humans: what this folder's records were sampled with
-            write_json_atomic(self.scope, scope_file)
-        name = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-        self.path = self.folder / name
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        # Make the new file's directory entry durable too, or a crash could lose the whole file.
-        dfd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        return fd
-
-    def append(self, rec: dict) -> None:
-        if self._fd is None:
-            self._fd = self._open()
-        data = (json.dumps(rec, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
-        self.records[rec["id"]] = rec
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
 
 
 @dataclass
@@ -240,7 +163,7 @@ class OpenAIBackend:
 
     @classmethod
     def from_config(cls, model: Any, journal_dir: str | Path) -> OpenAIBackend:
-        """Build from a tasks.config.ModelConfig."""
+        """Build from a stillhouse.tasks.config.ModelConfig."""
         return cls(
             model.base_url,
             model.name_or_path,
@@ -283,13 +206,13 @@ class OpenAIBackend:
 
     def _journal(self, params: SamplingParams) -> Journal:
         scope = {
-            "v": _JOURNAL_VERSION,
+            "v": JOURNAL_VERSION,
             "base_url": self.base_url,
             "model": self.model,
             "params": asdict(params),
             "seeds": "n-per-call" if self.use_n else "per-request",
         }
-        sid = _hash(scope)[:24]
+        sid = scope_id(scope)
         if sid not in self._journals:
             self._journals[sid] = Journal(self.journal_dir / sid, scope)
         return self._journals[sid]
@@ -310,10 +233,10 @@ class OpenAIBackend:
         missing: list[SampleRequest] = []
         seen: set[str] = set()
         for r in requests:
-            rid = _record_id(r)
+            rid = record_id(r)
             rec = journal.records.get(rid)
             if rec is not None:
-                results[rid] = _completion(rec)
+                results[rid] = completion_of(rec)
             elif rid not in seen:
                 seen.add(rid)
                 missing.append(r)
@@ -326,7 +249,7 @@ class OpenAIBackend:
             progress(total - len(missing), total)
         if missing:
             _run_coroutine(self._run(missing, params, journal, results, progress, total))
-        return [results[_record_id(r)] for r in requests]
+        return [results[record_id(r)] for r in requests]
 
     def _groups(self, missing: list[SampleRequest]) -> list[list[SampleRequest]]:
         """n=1 per request, or (use_n) runs of consecutive sample indices of one prompt."""
@@ -396,8 +319,8 @@ class OpenAIBackend:
                         self.url, len(completions), len(chunk),
                     )
                 for req, comp in zip(chunk, completions):
-                    rid = _record_id(req)
-                    journal.append(_record(rid, req, comp))
+                    rid = record_id(req)
+                    journal.append(record_of(rid, req, comp))
                     results[rid] = comp
                     self.stats.generated += 1
                     self.stats.prompt_tokens += comp.prompt_tokens
@@ -415,7 +338,7 @@ class OpenAIBackend:
         if errors:
             first = errors[0]
             if isinstance(first, OpenAIBackendError):
-                have = sum(1 for r in missing if _record_id(r) in results)
+                have = sum(1 for r in missing if record_id(r) in results)
                 raise OpenAIBackendError(
                     f"{first} -- {have} of {len(missing)} new completions were received before the "
                     f"failure and are kept in the journal {journal.folder}; a rerun sends only the "
@@ -601,34 +524,6 @@ def _split_tokens(total: int, texts: list[str], reasons: list[Any], max_new: int
             out[i] = max(share, 0)
             given += out[i]
     return out
-
-
-def _record(rid: str, req: SampleRequest, c: Completion) -> dict:
-    # No headers, no key, no URL credentials: only what the completion is and which request it answers.
-    return {
-        "id": rid,
-        "key": req.key,
-        "sample_index": req.sample_index,
-        "seed": req.seed,
-        "text": c.text,
-        "prompt_tokens": c.prompt_tokens,
-        "completion_tokens": c.completion_tokens,
-        "finish_reason": c.finish_reason,
-        "extra": c.extra,
-        "t": time.time(),
-    }
-
-
-def _completion(rec: dict) -> Completion:
-    return Completion(
-        key=rec["key"],
-        sample_index=int(rec["sample_index"]),
-        text=rec["text"],
-        prompt_tokens=int(rec.get("prompt_tokens") or 0),
-        completion_tokens=int(rec.get("completion_tokens") or 0),
-        finish_reason=rec["finish_reason"],
-        extra={**(rec.get("extra") or {}), "from_journal": True},
-    )
 
 
 def _run_coroutine(coro: Any) -> Any:

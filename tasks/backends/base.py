@@ -27,6 +27,17 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @classmethod
+    def from_config(cls, sampling) -> SamplingParams:
+        """The teacher's solve parameters from the run config's `sampling` section (the one place
+        they are built: teacher sampling and synthesis's reference votes both use them)."""
+        return cls(
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            stop=tuple(sampling.stop),
+        )
+
 
 @dataclass(frozen=True)
 class SampleRequest:

@@ -31,8 +31,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.backend import Completion, Progress, SampleRequest, SamplingParams, derive_seed
-from tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt, solve_messages
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,12 @@ class HFBackend:
         adapter_path: str | Path | None = None,
         models_dir: str | Path | None = None,
     ):
-        from tasks.models import load_model_and_tokenizer, resolve_model
+        from stillhouse.tasks.models.resolve import load_model_and_tokenizer, resolve_model
 
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         # Prepared names ('smollm2-135m-instruct', 'tiny-llama') are built under models_dir
-        # (default tasks.models.default_models_dir()) on first use; folders and hub ids pass through.
+        # (default stillhouse.tasks.models.resolve.default_models_dir()) on first use; folders and hub ids pass through.
         model_path = resolve_model(str(model_path), models_dir)
         self.model_path = str(model_path)
         self.batch_size = batch_size
@@ -131,7 +131,7 @@ class HFBackend:
         self.uses_chat_template = has_chat_template(self.tokenizer, chat_template)
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id
-        self._sampler_cls = _make_gumbel_processor()
+        self.sampler_cls = _make_gumbel_processor()
 
     # ------------------------------------------------------------------ helpers
 
@@ -215,7 +215,7 @@ class HFBackend:
         )
         if not params.greedy:
             kwargs["logits_processor"] = [
-                self._sampler_cls(seeds, params.temperature, params.top_p, self.device)
+                self.sampler_cls(seeds, params.temperature, params.top_p, self.device)
             ]
         if stops:
             kwargs["stop_strings"] = list(stops)
@@ -273,37 +273,3 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
     """Index of the earliest occurrence of any stop string in `text`, or None."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     return min(hits) if hits else None
-
-
-def build_requests(problems, n: int, sampling_cfg, prompts_cfg) -> list[SampleRequest]:
-    """n SampleRequests per problem, seeded by (sampling_cfg.seed, problem id, sample index)."""
-    out = []
-    for p in problems:
-        messages = solve_messages(p.question, prompts_cfg)
-        for i in range(n):
-            out.append(
-                SampleRequest(key=p.id, sample_index=i, messages=messages, seed=derive_seed(sampling_cfg.seed, p.id, i))
-            )
-    return out
-
-
-def sampling_params(sampling_cfg) -> SamplingParams:
-    return SamplingParams(
-        temperature=sampling_cfg.temperature,
-        top_p=sampling_cfg.top_p,
-        max_new_tokens=sampling_cfg.max_new_tokens,
-        stop=tuple(sampling_cfg.stop),
-    )
-
-
-def sample_problems(
-    backend,
-    problems,
-    n: int | None,
-    sampling_cfg,
-    prompts_cfg,
-    progress: Progress | None = None,
-) -> list[Completion]:
-    """Sample n (default sampling_cfg.n) completions per problem with per-sample derived seeds."""
-    n = sampling_cfg.n if n is None else n
-    return backend.sample(build_requests(problems, n, sampling_cfg, prompts_cfg), sampling_params(sampling_cfg), progress)

@@ -4,8 +4,8 @@ This module may import only the standard library, pyarrow and vllm: the vLLM env
 Prefect, no pydantic config and none of Stillhouse's other modules' dependencies (vLLM's pins clash
 with Prefect's, which is why it lives in its own venv at all). Start it from the repository root:
 
-    .venv-vllm/bin/python -m tasks.vllm_worker --engine '{"model": "..."}' --input in.parquet --output out.parquet
-    .venv-vllm/bin/python -m tasks.vllm_worker --engine '{...}' --serve
+    .venv-vllm/bin/python -m tasks.backends.vllm_worker --engine '{"model": "..."}' --input in.parquet --output out.parquet
+    .venv-vllm/bin/python -m tasks.backends.vllm_worker --engine '{...}' --serve
 
 Input Parquet, one row per prompt (sampling parameters per row, so one file can mix them):
 

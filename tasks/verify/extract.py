@@ -23,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from stillhouse.tasks.verify.numbers import NUMBER_IN_TEXT
+
 __all__ = ["Extraction", "extract_answer", "unwrap_boxed", "MAX_ANSWER_CHARS"]
 
 # Longest answer we accept. Real final answers (even matrices) are far shorter; beyond this we
@@ -282,15 +284,12 @@ def _extract_bold(text: str) -> Extraction | None:
 
 # --------------------------------------------------------------------------- fallback
 
-# A number as people write it: 1,234.5 | -3 | 0.25 | 3/4 | .5 (unicode minus too). Not inside a
-# word or identifier (x2, v1.5), hence the look-behind.
-_NUMBER = re.compile(r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)")
 
 
 def _extract_last_number(text: str) -> Extraction | None:
     start = max(0, len(text) - FALLBACK_TAIL_CHARS)
     tail = text[start:]
-    m = _last_match(_NUMBER, tail, 0)
+    m = _last_match(NUMBER_IN_TEXT, tail, 0)
     if m is None:
         return None
     if m.start() == 0 and start > 0 and text[start - 1].isdigit():

@@ -2,8 +2,8 @@
 
 `train_lora` takes rendered prompt text, completion text and a weight per teacher sample (a list of
 `TrainExample` or a Parquet file with columns prompt, completion, weight) and trains a PEFT LoRA
-adapter on a causal LM with `tasks.weighted_loss`. It is independent of prompt building: whoever
-renders prompts (tasks.prompts) does so before the data reaches here.
+adapter on a causal LM with `stillhouse.tasks.training.loss`. It is independent of prompt building: whoever
+renders prompts (stillhouse.tasks.prompts) does so before the data reaches here.
 
 What it does, in order:
 
@@ -40,11 +40,9 @@ torch, transformers and peft are imported inside the functions so importing this
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -53,32 +51,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from storage.parquet_io import write_json_atomic
-from tasks.config import LoraConfig, TrainingConfig
-from tasks.weighted_loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
+from stillhouse.storage.parquet_io import write_json_atomic
+from stillhouse.tasks.config import LoraConfig, TrainingConfig
+from stillhouse.tasks.training.loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
+from stillhouse.tasks.models.resolve import resolve_device, resolve_dtype
+from stillhouse.tasks.training.checkpoints import (
+    ADAPTER_DIR,
+    MANIFEST_FILE,
+    CHECKPOINTS_DIR,
+    complete_checkpoints,
+    inputs_fingerprint,
+    load_checkpoint,
+    save_adapter,
+    save_checkpoint,
+)
+from stillhouse.tasks.training.data import TrainExample, collate, encode_examples, load_examples, plan_micro_batches
+
 
 log = logging.getLogger(__name__)
 
 # progress(step, total_steps): called after every optimizer step (and after a due checkpoint).
 Progress = Callable[[int, int], None]
 
-ADAPTER_DIR = "adapter"
-CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.json"
-MANIFEST_FILE = "manifest.json"
-_FORMAT_VERSION = 1
-# Micro-batches per length-grouping window: big enough to cut padding, small enough to keep order random.
-_MEGA_BATCHES = 16
-_KEEP_CHECKPOINTS = 2
-
-
-@dataclass(frozen=True)
-class TrainExample:
-    """One teacher sample: the rendered prompt, the completion to learn, its loss weight."""
-
-    prompt: str
-    completion: str
-    weight: float = 1.0
 
 
 @dataclass
@@ -110,150 +105,10 @@ class TrainResult:
         return cls(**d)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def load_examples(source: Sequence[TrainExample] | str | Path) -> list[TrainExample]:
-    """A list of TrainExample (or dicts with prompt/completion/weight), or a Parquet file."""
-    if isinstance(source, (str, Path)):
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(source)
-        missing = {"prompt", "completion", "weight"} - set(table.column_names)
-        if missing:
-            raise ValueError(f"{source}: Parquet file lacks columns {sorted(missing)}")
-        cols = table.select(["prompt", "completion", "weight"]).to_pydict()
-        return [
-            TrainExample(p, c, float(w)) for p, c, w in zip(cols["prompt"], cols["completion"], cols["weight"], strict=True)
-        ]
-    out = []
-    for ex in source:
-        if isinstance(ex, TrainExample):
-            out.append(ex)
-        elif isinstance(ex, dict):
-            out.append(TrainExample(ex["prompt"], ex["completion"], float(ex.get("weight", 1.0))))
-        else:
-            raise TypeError(f"expected TrainExample or dict, got {type(ex).__name__}")
-    return out
-
-
-@dataclass
-class _Encoded:
-    input_ids: list[list[int]]
-    prompt_lens: list[int]
-    weights: list[float]
-    truncated: int
-    skipped_too_long: int
-
-
-def encode_examples(tokenizer, examples: Sequence[TrainExample], max_length: int, *,
-                    prompt_special_tokens: bool | None = None) -> _Encoded:
-    """Tokenize prompt and completion (+EOS) separately; cut at max_length; skip empty completions.
-
-    Separate tokenization matches generation, where the completion's tokens follow the prompt's.
-    prompt_special_tokens: whether the prompt gets the tokenizer's BOS. None (default): when the
-    tokenizer adds one and the rendered prompt does not already start with it (a chat template that
-    writes its own BOS is not doubled). Pass the sampling backend's rule (tasks.hf_backend encodes
-    chat-templated text without special tokens) to mirror it exactly.
-    """
-    prompts = [e.prompt for e in examples]
-    completions = [e.completion for e in examples]
-    p_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    c_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
-    bos = tokenizer.bos_token_id
-    adds_bos = bos is not None and tokenizer("x", add_special_tokens=True)["input_ids"][:1] == [bos]
-    if prompt_special_tokens is not None:
-        adds_bos = adds_bos and prompt_special_tokens
-    eos = tokenizer.eos_token_id
-    enc = _Encoded([], [], [], 0, 0)
-    for ex, p, c in zip(examples, p_ids, c_ids, strict=True):
-        if adds_bos and (prompt_special_tokens or not (p and p[0] == bos)):
-            p = [bos, *p]
-        ids = list(p) + list(c) + ([eos] if eos is not None else [])
-        if len(ids) > max_length:
-            if len(p) >= max_length:
-                enc.skipped_too_long += 1
-                continue
-            ids = ids[:max_length]
-            enc.truncated += 1
-        if len(ids) == len(p):  # empty completion and no EOS: nothing to learn
-            enc.skipped_too_long += 1
-            continue
-        enc.input_ids.append(ids)
-        enc.prompt_lens.append(len(p))
-        enc.weights.append(ex.weight)
-    return enc
-
-
-def plan_micro_batches(lengths: Sequence[int], batch_size: int, epochs: float, seed: int) -> list[list[int]]:
-    """The whole run's micro-batches (lists of sample indices), a pure function of its arguments.
-
-    Per epoch: a seeded shuffle; windows of `_MEGA_BATCHES` micro-batches are sorted by length and
-    cut into micro-batches (similar lengths, little padding); the micro-batch order is shuffled.
-    `epochs` may be fractional: round(epochs * batches_per_epoch) micro-batches in all (>= 1).
-    """
-    n = len(lengths)
-    if n == 0:
-        return []
-    per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(epochs * per_epoch))
-    window = batch_size * _MEGA_BATCHES
-    plan: list[list[int]] = []
-    epoch = 0
-    while len(plan) < total:
-        rng = random.Random(f"stillhouse-data:{seed}:{epoch}")
-        order = list(range(n))
-        rng.shuffle(order)
-        batches = []
-        for s in range(0, n, window):
-            chunk = sorted(order[s : s + window], key=lambda i: -lengths[i])
-            batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
-        rng.shuffle(batches)
-        plan.extend(batches)
-        epoch += 1
-    return plan[:total]
-
-
-def _collate(enc: _Encoded, idx: Sequence[int], pad_id: int, pad_to: int = 1):
-    import torch
-
-    seqs = [enc.input_ids[i] for i in idx]
-    width = max(len(s) for s in seqs)
-    width = -(-width // pad_to) * pad_to
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, (i, s) in enumerate(zip(idx, seqs, strict=True)):
-        ids[r, : len(s)] = torch.tensor(s)
-        mask[r, : len(s)] = 1
-        labels[r, enc.prompt_lens[i] : len(s)] = torch.tensor(s[enc.prompt_lens[i] :])
-    weights = torch.tensor([enc.weights[i] for i in idx], dtype=torch.float32)
-    return ids, mask, labels, weights
-
-
 # --------------------------------------------------------------------------- model
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _resolve_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"training dtype must be auto, float32 or bfloat16, got {dtype!r} (float16 needs a grad scaler)")
-    return table[dtype]
-
-
-def _load_base(base_model_path: str | Path, torch_dtype, device: str):
+def load_base(base_model_path: str | Path, torch_dtype, device: str):
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -282,7 +137,7 @@ def match_target_modules(model, wanted: Sequence[str]) -> list[str]:
     return found
 
 
-def _wrap_lora(model, lora: LoraConfig, init_adapter: Path | None):
+def wrap_lora(model, lora: LoraConfig, init_adapter: Path | None):
     from peft import LoraConfig as PeftLoraConfig
     from peft import PeftModel, get_peft_model
 
@@ -305,19 +160,6 @@ def _wrap_lora(model, lora: LoraConfig, init_adapter: Path | None):
     return get_peft_model(model, pcfg)
 
 
-def load_student(base_model_path: str | Path, adapter_dir: str | Path, *, dtype: str = "auto",
-                 device: str = "auto"):
-    """Base model + trained LoRA adapter, in eval mode, for evaluation and generation."""
-    from peft import PeftModel
-
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
-    base = _load_base(base_model_path, torch_dtype, dev)
-    base.config.use_cache = True
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return model.to(dev).eval()
-
-
 def _supports_mask_logits(model) -> bool:
     """Whether forward(logits_to_keep=<bool [B, T]>) returns logits of just those positions."""
     import inspect
@@ -331,7 +173,7 @@ def _supports_mask_logits(model) -> bool:
 
 
 def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="nll", mask_logits=True):
-    """Forward one micro-batch and return the weighted loss (see tasks.weighted_loss)."""
+    """Forward one micro-batch and return the weighted loss (see stillhouse.tasks.training.loss)."""
     import torch
 
     if mask_logits:
@@ -353,112 +195,6 @@ def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="
     else:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     return weighted_completion_loss(logits, labels, weights, normalizer=normalizer, negative=negative)
-
-
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _fingerprint(base_model_path, examples: Sequence[TrainExample], cfg: TrainingConfig, lora: LoraConfig,
-                 init_adapter, negative: str, prompt_special_tokens: bool | None) -> str:
-    h = hashlib.sha256()
-    head = {
-        "v": _FORMAT_VERSION,
-        "base": str(base_model_path),
-        "cfg": cfg.model_dump(mode="json"),
-        "lora": lora.model_dump(mode="json"),
-        "init_adapter": str(init_adapter) if init_adapter else None,
-        "negative": negative,
-        "prompt_special_tokens": prompt_special_tokens,
-        "n": len(examples),
-    }
-    h.update(json.dumps(head, sort_keys=True).encode())
-    for ex in examples:
-        h.update(json.dumps([ex.prompt, ex.completion, float(ex.weight)]).encode())
-    return h.hexdigest()
-
-
-def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and d.name.startswith("step-") and (d / MANIFEST_FILE).is_file():
-                try:
-                    found.append((int(d.name[5:]), d))
-                except ValueError:
-                    continue
-    return sorted(found)
-
-
-def _rng_state() -> dict[str, Any]:
-    import torch
-
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict[str, Any]) -> Path:
-    import torch
-
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp-step-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save_pretrained(str(tmp / ADAPTER_DIR))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, sort_keys=True))
-    # Manifest last: a folder without it is incomplete and ignored on resume.
-    write_json_atomic({
-        "format": _FORMAT_VERSION, "step": step, "fingerprint": state["fingerprint"],
-        "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file()),
-    }, tmp / MANIFEST_FILE)
-    final = root / f"step-{step}"
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for _, old in _complete_checkpoints(root)[:-_KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    adapter_file = ckpt / ADAPTER_DIR / "adapter_model.safetensors"
-    weights = load_file(str(adapter_file))
-    result = set_peft_model_state_dict(model, weights)
-    unexpected = getattr(result, "unexpected_keys", None)
-    if unexpected:
-        raise RuntimeError(f"checkpoint {ckpt} does not fit the model: unexpected keys {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False))
-    return json.loads((ckpt / "state.json").read_text())
-
-
-def _save_adapter_atomic(model, out_dir: Path) -> Path:
-    final = out_dir / ADAPTER_DIR
-    tmp = out_dir / f".tmp-{ADAPTER_DIR}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
 
 
 # --------------------------------------------------------------------------- training
@@ -503,7 +239,7 @@ def train_lora(
         fresh LoRA (then `lora`'s rank/alpha are the adapter's own).
     progress: progress(step, total_steps) after each optimizer step; an exception raised from it
         stops training (the last checkpoint stays usable).
-    negative: how negative-weight samples are pushed down (tasks.weighted_loss): "nll" (default,
+    negative: how negative-weight samples are pushed down (stillhouse.tasks.training.loss): "nll" (default,
         -|w| * nll) or "unlikelihood" (bounded |w| * -log(1 - p)).
     prompt_special_tokens: BOS handling of the prompt (see `encode_examples`).
     """
@@ -513,7 +249,7 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     examples = load_examples(examples)
-    fingerprint = _fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
+    fingerprint = inputs_fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
 
     metrics_path = out_dir / METRICS_FILE
     if metrics_path.is_file() and (out_dir / ADAPTER_DIR).is_dir():
@@ -544,8 +280,8 @@ def train_lora(
     total_steps = math.ceil(len(plan) / cfg.grad_accum)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
-    dev = _resolve_device(device)
-    torch_dtype = _resolve_dtype(dtype, dev)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev, training=True)
     autocast = (
         torch.autocast(device_type=dev.split(":")[0], dtype=torch.bfloat16)
         if torch_dtype == torch.bfloat16
@@ -556,7 +292,7 @@ def train_lora(
     ckpt_root = out_dir / CHECKPOINTS_DIR
     for stale in ckpt_root.glob(".tmp-*") if ckpt_root.is_dir() else []:
         shutil.rmtree(stale, ignore_errors=True)
-    checkpoints = _complete_checkpoints(ckpt_root)
+    checkpoints = complete_checkpoints(ckpt_root)
 
     # The caller's RNG streams are left as they were; everything in here is seeded from cfg.seed.
     fork_devices = [torch.cuda.current_device()] if dev.startswith("cuda") else []
@@ -565,7 +301,7 @@ def train_lora(
         try:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
-            model = _wrap_lora(_load_base(base_model_path, torch_dtype, dev), lora, init_adapter)
+            model = wrap_lora(load_base(base_model_path, torch_dtype, dev), lora, init_adapter)
             if cfg.gradient_checkpointing:
                 # Non-reentrant checkpointing: gradients reach the LoRA weights even though the
                 # frozen embeddings' outputs do not require grad (the reentrant kind needs a hook).
@@ -590,7 +326,7 @@ def train_lora(
                 manifest = json.loads((ckpt / MANIFEST_FILE).read_text())
                 if manifest.get("fingerprint") != fingerprint:
                     raise ValueError(f"{ckpt} was written for different inputs; use a fresh out_dir")
-                state = _load_checkpoint(ckpt, model, optimizer, scheduler)
+                state = load_checkpoint(ckpt, model, optimizer, scheduler)
                 resumed_from = step_n
                 log.info("resuming from %s (step %d of %d)", ckpt, step_n, total_steps)
 
@@ -618,7 +354,7 @@ def train_lora(
                 step_loss = torch.zeros((), device=dev)
                 step_tokens = 0
                 for mb in micro:
-                    cpu_batch = _collate(enc, mb, pad_id, pad_to)
+                    cpu_batch = collate(enc, mb, pad_id, pad_to)
                     step_tokens += int(cpu_batch[1].sum())  # counted on the CPU copy: no device sync
                     padded += cpu_batch[1].numel()
                     ids, mask, labels, weights = (t.to(dev, non_blocking=True) for t in cpu_batch)
@@ -652,7 +388,7 @@ def train_lora(
                     log.info("step %d/%d loss %.4f lr %.3g grad_norm %.3f tok/s %.0f", step + 1, total_steps,
                              loss_value, scheduler.get_last_lr()[0], float(grad_norm), tokens / max(seconds, 1e-9))
                 if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total_steps:
-                    _save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, {
+                    save_checkpoint(ckpt_root, step + 1, model, optimizer, scheduler, {
                         "step": step + 1, "next_micro_batch": (step + 1) * cfg.grad_accum,
                         "loss_curve": [list(x) for x in loss_curve], "tokens": tokens, "padded_tokens": padded,
                         "train_seconds": seconds, "fingerprint": fingerprint, "total_steps": total_steps,
@@ -660,7 +396,7 @@ def train_lora(
                 if progress is not None:
                     progress(step + 1, total_steps)
 
-            adapter_dir = _save_adapter_atomic(model, out_dir)
+            adapter_dir = save_adapter(model, out_dir)
         finally:
             random.setstate(random_state)
 

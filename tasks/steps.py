@@ -1,13 +1,16 @@
 """The steps of a round as plain functions over paths, ids and content hashes.
 
 Each step takes the run config, the round and the small outputs of earlier steps, and returns a
-`StepResult`. Steps are resumable by construction:
+`StepResult`: where its output is and the step's metrics (metrics only: data travels through files
+and the catalog). Steps are resumable by construction:
 
-- model work goes through `ResumableBackend` (teacher and student generations) or `train_lora`'s
-  checkpoints, so a finished step does no model work and a half-done one redoes only what is missing;
+- model work goes through `open_backend` (a `ResumableBackend`: teacher and student generations
+  cached as Parquet shards) or `train_lora`'s checkpoints, so a finished step does no model work and
+  a half-done one redoes only what is missing;
 - intermediate Parquet outputs live in `<workdir>/cache/<step>/<key>/` where the key is the content
-  hash of the inputs and the config sections that shape the step (a manifest written last marks
-  them complete), so changing a config field invalidates exactly the steps that field shapes;
+  hash of the inputs and the config sections that shape the step (`parquet_io.cached_output`: a
+  manifest written last marks them complete), so changing a config field invalidates exactly the
+  steps that field shapes;
 - catalog writes are idempotent on their keys.
 
 Nothing here imports Prefect: the flows wrap these functions and add retries, tags and artifacts.
@@ -17,21 +20,19 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from storage import parquet_io
-from storage.catalog import Catalog
-from tasks.backend import Backend, Progress, SampleRequest, derive_seed
-from tasks.cached_backend import ResumableBackend
-from tasks.config import ModelConfig, RunConfig
-from tasks.problems import Problem
+from stillhouse.storage import parquet_io
+from stillhouse.storage.catalog import Catalog
+from stillhouse.tasks.backends.base import Progress, SamplingParams
+from stillhouse.tasks.backends.open import model_path, open_backend
+from stillhouse.tasks.config import RunConfig
+from stillhouse.tasks.problems import Problem
 
 log = logging.getLogger(__name__)
 
@@ -42,133 +43,14 @@ class StepResult:
     key: str  # content hash of everything that shaped the output
     path: str | None = None  # the output folder, when the step has one
     computed: bool = True  # False: found complete on disk, no work done
-    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # numbers for the round's record only
 
 
-# --------------------------------------------------------------------------- paths and models
-
-
-def models_dir() -> Path:
-    """Where prepared packaged models live; shared across runs (override: STILLHOUSE_MODELS_DIR)."""
-    return Path(os.environ.get("STILLHOUSE_MODELS_DIR", Path.home() / ".cache" / "stillhouse" / "models"))
+# --------------------------------------------------------------------------- run folders and catalog
 
 
 def cache_dir(cfg: RunConfig) -> Path:
     return Path(cfg.workdir) / "cache"
-
-
-def model_path(model: ModelConfig) -> str:
-    from tasks.models import resolve_model
-
-    return resolve_model(model.name_or_path, models_dir())
-
-
-def _hf_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.hf_backend import HFBackend
-
-    return HFBackend(
-        model_path(model),
-        dtype=model.dtype,
-        device=model.device,
-        batch_size=batch_size,
-        chat_template=model.chat_template,
-        revision=model.revision,
-        adapter_path=adapter,
-    )
-
-
-def _openai_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.openai_backend import OpenAIBackend
-
-    if adapter is not None:
-        # A served model cannot take a local LoRA folder; the server has to load it itself.
-        raise ValueError(
-            "backend openai cannot apply a local LoRA adapter; serve it (vllm serve --lora-modules) "
-            "or use backend hf/vllm for the student"
-        )
-    if not model.base_url:
-        raise ValueError(f"backend openai needs base_url for model {model.name_or_path!r}")
-    # The journal lives in the run's cache: responses received before a crash are reused by the
-    # rerun and travel with the workdir.
-    return OpenAIBackend.from_config(model, journal_dir=work_dir / "journal")
-
-
-def _vllm_backend(model: ModelConfig, batch_size: int, adapter: str | None, work_dir: Path) -> Backend:
-    from tasks.vllm_backend import VLLMBackend
-
-    # batch_size is the hf backend's knob: vLLM schedules its own batches. The call's requests
-    # arrive in ResumableBackend shards (see shard_size), each one generate pass over the engines.
-    return VLLMBackend(
-        model_path(model),
-        work_dir=work_dir,
-        vllm_python=model.vllm_python,
-        python_field="student.model.vllm_python" if adapter else "teacher.vllm_python",
-        dtype=model.dtype,
-        chat_template=model.chat_template,
-        revision=model.revision,
-        adapter_path=adapter,
-        tensor_parallel_size=model.tensor_parallel_size,
-        data_parallel_size=model.data_parallel_size,
-        gpu_memory_utilization=model.gpu_memory_utilization,
-        max_model_len=model.max_model_len,
-        enable_prefix_caching=model.enable_prefix_caching,
-        engine_args=model.vllm_engine_args,
-        # ResumableBackend keeps the results in the run's cache; the engines' shard files are only
-        # needed until a call has returned (a killed call's finished shards stay for the rerun).
-        cleanup=True,
-    )
-
-
-# A name selects the function that builds a backend; vllm and openai plug in here.
-# Each gets (model, batch size, adapter folder or None, a work folder inside the run's cache).
-BACKENDS: dict[str, Callable[[ModelConfig, int, str | None, Path], Backend]] = {
-    "hf": _hf_backend,
-    "vllm": _vllm_backend,
-    "openai": _openai_backend,
-}
-
-
-# How requests travel or where they run, not what they produce: changing these never invalidates
-# cached generations (vLLM's data-parallel engines each get whole requests with their own seeds).
-TRANSPORT_FIELDS = {
-    "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s", "api_key_env",
-    "vllm_python", "data_parallel_size", "gpu_memory_utilization",
-}
-
-
-def shard_size(model: ModelConfig, batch_size: int) -> int:
-    """Requests per cached shard: the unit of resumption, and one backend call.
-
-    hf generates batch_size at a time, so a few batches per shard. vLLM and servers schedule their
-    own batches and want many requests per call to keep GPUs busy; a shard is still small enough
-    that a crash loses little.
-    """
-    base = max(batch_size, 1) * 4
-    if model.backend == "vllm":
-        return max(base, 1024)
-    if model.backend == "openai":
-        return max(base, model.max_concurrency * 4)
-    return base
-
-
-def resumable(
-    cfg: RunConfig, model: ModelConfig, step: str, batch_size: int, adapter: str | None = None,
-    adapter_key: str | None = None,
-) -> ResumableBackend:
-    """The model behind a disk cache; built only if some generation is actually missing."""
-    factory = BACKENDS[model.backend]
-    model_key = {
-        "model": model.model_dump(mode="json", exclude=TRANSPORT_FIELDS),
-        "adapter": adapter_key,
-    }
-    work_dir = Path(cache_dir(cfg)) / "backends" / model.backend
-    return ResumableBackend(
-        lambda: factory(model, batch_size, adapter, work_dir),
-        cache_dir(cfg),
-        step=step,
-        model_key=model_key,
-        shard_size=shard_size(model, batch_size),
-    )
 
 
 def open_catalog(cfg: RunConfig, read_only: bool = False) -> Catalog:
@@ -201,7 +83,7 @@ def pool_and_eval(catalog: Catalog, round: int) -> tuple[list[Problem], list[Pro
 
 def seed_problems(cfg: RunConfig) -> StepResult:
     """Load the configured sources into the catalog (round 0 = FDD's seed problems)."""
-    from tasks.sources import load_problems
+    from stillhouse.tasks.sources import load_problems
 
     loaded = load_problems(list(cfg.problems))
     for s in loaded.skipped[:20]:
@@ -211,7 +93,7 @@ def seed_problems(cfg: RunConfig) -> StepResult:
     with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
-    n_eval = sum(p.split == "eval" for p in loaded.problems)
+    n_eval = len(loaded.of_split("eval"))
     return StepResult(
         "seed", key, computed=added > 0,
         metrics={"problems": len(loaded.problems), "train": len(loaded.problems) - n_eval,
@@ -224,31 +106,22 @@ def seed_problems(cfg: RunConfig) -> StepResult:
 
 def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None) -> StepResult:
     """The teacher answers every pool problem N times; completions cached as Parquet shards."""
-    from tasks.hf_backend import sampling_params
-    from tasks.prompts import solve_messages
+    from stillhouse.tasks.prompts import solve_requests
 
     with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, round)
     # The round is part of each seed: a problem that stays in the pool gets fresh samples in
     # every round instead of the same N answers again.
-    requests = [
-        SampleRequest(p.id, i, solve_messages(p.question, cfg.prompts),
-                      derive_seed(cfg.sampling.seed, f"round-{round}/{p.id}", i))
-        for p in pool
-        for i in range(cfg.sampling.n)
-    ]
-    params = sampling_params(cfg.sampling)
-    backend = resumable(cfg, cfg.teacher, "teacher", cfg.sampling.batch_size)
-    try:
-        completions = backend.sample(requests, params, progress)
-    finally:
-        backend.close()
-    out = backend.call_dir(requests, params)
+    requests = solve_requests(pool, cfg.sampling.n, cfg.sampling.seed, cfg.prompts, seed_scope=f"round-{round}/")
+    params = SamplingParams.from_config(cfg.sampling)
+    with open_backend(cfg.teacher, cache_dir(cfg), step="teacher", batch_size=cfg.sampling.batch_size) as teacher:
+        completions = teacher.sample(requests, params, progress)
+    out = teacher.call_dir(requests, params)
     tokens = sum(c.completion_tokens for c in completions)
     return StepResult(
-        "sample", out.name, str(out), computed=backend.generated > 0,
-        metrics={"pool": len(pool), "samples": len(completions), "generated": backend.generated,
-                 "completion_tokens": tokens, "model_seconds": backend.model_seconds},
+        "sample", out.name, str(out), computed=teacher.generated > 0,
+        metrics={"pool": len(pool), "samples": len(completions), "generated": teacher.generated,
+                 "completion_tokens": tokens, "model_seconds": teacher.model_seconds},
     )
 
 
@@ -257,11 +130,9 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
 
 def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResult:
     """Extract and check every final answer against the problem's reference."""
-    from tasks.verifier import score_samples
+    from stillhouse.tasks.verify.score import score_samples
 
-    key = parquet_io.content_hash({"samples": sampled.key, "verifier": cfg.section_dict("verifier")})
-    out = parquet_io.cached_path(cache_dir(cfg), "verify", key[:32])
-    if not parquet_io.is_complete(out):
+    def compute(out: Path) -> dict[str, Any]:
         table = parquet_io.read_output(sampled.path)
         with open_catalog(cfg, read_only=True) as cat:
             pool, _ = pool_and_eval(cat, round)
@@ -275,10 +146,10 @@ def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResul
         table = table.append_column("format_ok", pa.array([r.format_ok for r in results]))
         table = table.append_column("error", pa.array([r.error for r in results], pa.string()))
         parquet_io.write_parquet_atomic(table, out / "verified.parquet")
-        parquet_io.write_manifest(out, meta={"step": "verify", "round": round})
-        computed = True
-    else:
-        computed = False
+        return {"step": "verify", "round": round}
+
+    key = parquet_io.content_hash({"samples": sampled.key, "verifier": cfg.section_dict("verifier")})
+    out, computed = parquet_io.cached_output(cache_dir(cfg), "verify", key, compute)
     table = parquet_io.read_output(out)
     correct = table["correct"].to_pylist()
     return StepResult(
@@ -294,13 +165,9 @@ def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResul
 
 def weigh_samples(cfg: RunConfig, round: int, verified: StepResult) -> StepResult:
     """Reward per sample, then its group-relative advantage as the loss weight (AdvDistill)."""
-    from tasks.weights import compute_weights, sample_reward
+    from stillhouse.tasks.weights import compute_weights, sample_reward
 
-    key = parquet_io.content_hash(
-        {"verified": verified.key, **cfg.section_dict("rewards", "weighting")}
-    )
-    out = parquet_io.cached_path(cache_dir(cfg), "weigh", key[:32])
-    if not parquet_io.is_complete(out):
+    def compute(out: Path) -> dict[str, Any]:
         table = parquet_io.read_output(verified.path)
         correct = table["correct"].to_pylist()
         rewards = [sample_reward(c, f, cfg.rewards) for c, f in zip(correct, table["format_ok"].to_pylist())]
@@ -309,12 +176,10 @@ def weigh_samples(cfg: RunConfig, round: int, verified: StepResult) -> StepResul
         table = table.append_column("advantage", pa.array(res.advantages, pa.float64()))
         table = table.append_column("weight", pa.array(res.weights, pa.float64()))
         parquet_io.write_parquet_atomic(table, out / "weighted.parquet")
-        parquet_io.write_manifest(
-            out, meta={"step": "weigh", "groups": res.groups, "degenerate_groups": res.degenerate_groups}
-        )
-        computed = True
-    else:
-        computed = False
+        return {"step": "weigh", "groups": res.groups, "degenerate_groups": res.degenerate_groups}
+
+    key = parquet_io.content_hash({"verified": verified.key, **cfg.section_dict("rewards", "weighting")})
+    out, computed = parquet_io.cached_output(cache_dir(cfg), "weigh", key, compute)
     table = parquet_io.read_output(out)
     meta = parquet_io.read_manifest(out)["meta"]
     weights = table["weight"].to_pylist()
@@ -335,7 +200,7 @@ def sample_id(problem_id: str, round: int, sample_index: int, teacher: str) -> s
 
 def commit_version(cfg: RunConfig, round: int, weighted: StepResult, metrics: dict[str, Any]) -> StepResult:
     """Write the round's samples to the catalog and commit them as the round's dataset version."""
-    from tasks.prompts import solve_messages
+    from stillhouse.tasks.prompts import solve_messages
 
     table = parquet_io.read_output(weighted.path)
     teacher = cfg.teacher.name_or_path
@@ -376,9 +241,10 @@ def train_student(
     progress: Progress | None = None,
 ) -> StepResult:
     """LoRA fine-tune the student on the round's version with the weighted loss."""
-    from tasks.models import load_tokenizer
-    from tasks.prompts import has_chat_template, render_prompt, solve_messages
-    from tasks.training import TrainExample, finished_result, train_lora
+    from stillhouse.tasks.models.resolve import load_tokenizer
+    from stillhouse.tasks.prompts import has_chat_template, render_prompt, solve_messages
+    from stillhouse.tasks.training.data import TrainExample
+    from stillhouse.tasks.training.trainer import finished_result, train_lora
 
     init = previous.path if (previous is not None and cfg.training.init == "previous") else None
     key = parquet_io.content_hash(
@@ -427,7 +293,7 @@ def train_student(
 
 def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress | None = None) -> StepResult:
     """Student (base + this round's adapter): greedy accuracy per eval set, pass rate on the pool."""
-    from tasks.evaluation import evaluate_student
+    from stillhouse.tasks.evaluation import evaluate_student
 
     with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
@@ -435,23 +301,22 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
         {"adapter": trained.key, "pool": [p.id for p in pool], "eval": [p.id for p in evals],
          **cfg.section_dict("evaluation", "verifier", "prompts")}
     )
-    out = parquet_io.cached_path(cache_dir(cfg), "evaluate", key[:32])
-    computed = not parquet_io.is_complete(out)
     model_seconds = 0.0
-    if computed:
-        backend = resumable(cfg, cfg.student.model, "student", cfg.evaluation.batch_size,
-                            adapter=trained.path, adapter_key=trained.key)
-        try:
-            res = evaluate_student(backend, evals, pool, cfg.evaluation, cfg.prompts,
+
+    def compute(out: Path) -> dict[str, Any]:
+        nonlocal model_seconds
+        with open_backend(cfg.student.model, cache_dir(cfg), step="student", batch_size=cfg.evaluation.batch_size,
+                          adapter=trained.path, adapter_key=trained.key) as student:
+            res = evaluate_student(student, evals, pool, cfg.evaluation, cfg.prompts,
                                    verifier=cfg.verifier, seed=cfg.sampling.seed, progress=progress)
-        finally:
-            backend.close()
-        model_seconds = backend.model_seconds
+        model_seconds = student.model_seconds
         rows = [{"round": round, "student_key": key[:32], **{k: r[k] for k in (
             "eval_set", "problem_id", "sample_index", "response", "extracted", "correct")}}
             for r in res.rows]
         parquet_io.write_parquet_atomic(pa.Table.from_pylist(rows), out / "eval.parquet")
-        parquet_io.write_manifest(out, meta={"summary": res.summary(), "pass_rates": res.pass_rates})
+        return {"summary": res.summary(), "pass_rates": res.pass_rates}
+
+    out, computed = parquet_io.cached_output(cache_dir(cfg), "evaluate", key, compute)
     table = parquet_io.read_output(out)
     meta = parquet_io.read_manifest(out)["meta"]
     with open_catalog(cfg) as cat:
@@ -468,14 +333,18 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
 
 
 def split_pool(cfg: RunConfig, round: int, evaluated: StepResult) -> StepResult:
-    """Pool problems -> easy (the student solves them) / hard (it does not) / mid (FDD)."""
-    from tasks.split import split_by_pass_rate
+    """Pool problems -> easy (the student solves them) / hard (it does not) / mid (FDD).
+
+    The labels go to the catalog (split_labels, keyed by the evaluated student); synthesis reads
+    them from there.
+    """
+    from stillhouse.tasks.split import split_by_pass_rate
 
     meta = parquet_io.read_manifest(evaluated.path)["meta"]
     res = split_by_pass_rate(meta["pass_rates"], cfg.split.easy_threshold, cfg.split.hard_threshold)
     key = parquet_io.content_hash({"evaluated": evaluated.key, **cfg.section_dict("split")})
     rows = [
-        {"round": round, "student_key": evaluated.key[:32], "problem_id": pid,
+        {"round": round, "student_key": student_key(evaluated), "problem_id": pid,
          "pass_rate": float(meta["pass_rates"][pid]), "label": label}
         for pid, label in sorted(res.labels.items())
     ]
@@ -483,53 +352,74 @@ def split_pool(cfg: RunConfig, round: int, evaluated: StepResult) -> StepResult:
         added = cat.add_split_labels(rows)
     return StepResult(
         "split", key, None, added > 0,
-        metrics={"easy": res.counts["easy"], "hard": res.counts["hard"], "mid": res.counts["mid"],
-                 "labels": {r["problem_id"]: r["label"] for r in rows}},
+        metrics={"easy": res.counts["easy"], "hard": res.counts["hard"], "mid": res.counts["mid"]},
     )
+
+
+def student_key(evaluated: StepResult) -> str:
+    """The key under which a student's eval results and split labels are in the catalog."""
+    return evaluated.key[:32]
 
 
 # --------------------------------------------------------------------------- 8. synthesize
 
 
-def synthesize_problems(cfg: RunConfig, round: int, split: StepResult,
+def synthesize_problems(cfg: RunConfig, round: int, evaluated: StepResult, split: StepResult,
                         progress: Progress | None = None) -> StepResult:
     """The teacher writes harder variants of easy problems and similar ones for hard problems;
-    survivors (parsed, deduplicated, uncontaminated, majority-answered) join round r+1's pool."""
-    from tasks.synthesis import synthesize
+    survivors (parsed, deduplicated, uncontaminated, majority-answered) join round r+1's pool, and
+    every generation, kept or dropped and why, is recorded in the catalog (synthesis_records)."""
+    from stillhouse.tasks.split import SplitResult
+    from stillhouse.tasks.synthesis.synthesize import synthesize
 
-    labels = split.metrics["labels"]
     with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
-    easy = [p for p in pool if labels.get(p.id) == "easy"]
-    hard = [p for p in pool if labels.get(p.id) == "hard"]
+        labels = SplitResult(cat.split_labels(round, student_key(evaluated)))
+    easy, hard = labels.select(pool, "easy"), labels.select(pool, "hard")
     key = parquet_io.content_hash(
         {"split": split.key, "easy": [p.id for p in easy], "hard": [p.id for p in hard],
          **cfg.section_dict("synthesis", "prompts", "sampling", "verifier", "teacher")}
     )
-    out = parquet_io.cached_path(cache_dir(cfg), "synthesize", key[:32])
-    computed = not parquet_io.is_complete(out)
     model_seconds = 0.0
-    if computed:
-        backend = resumable(cfg, cfg.teacher, "teacher", cfg.sampling.batch_size)
-        try:
-            res = synthesize(backend, easy, hard, pool, evals, round, cfg.synthesis, cfg.prompts,
+
+    def compute(out: Path) -> dict[str, Any]:
+        nonlocal model_seconds
+        with open_backend(cfg.teacher, cache_dir(cfg), step="teacher", batch_size=cfg.sampling.batch_size) as teacher:
+            res = synthesize(teacher, easy, hard, pool, evals, round, cfg.synthesis, cfg.prompts,
                              cfg.sampling, verifier=cfg.verifier, progress=progress)
-        finally:
-            backend.close()
-        model_seconds = backend.model_seconds
-        out.mkdir(parents=True, exist_ok=True)
-        table = pa.Table.from_pylist([p.to_row() for p in res.problems]) if res.problems else None
-        if table is not None:
-            parquet_io.write_parquet_atomic(table, out / "problems.parquet")
-        parquet_io.write_manifest(out, meta={"counts": res.counts})
-    meta = parquet_io.read_manifest(out)["meta"]
-    new_rows = parquet_io.read_output(out).to_pylist() if meta["counts"]["kept"] else []
+        model_seconds = teacher.model_seconds
+        if res.problems:
+            parquet_io.write_parquet_atomic(pa.Table.from_pylist([p.to_row() for p in res.problems]),
+                                            out / "problems.parquet")
+        if res.records:
+            parquet_io.write_parquet_atomic(_records_table(res.records, key), out / RECORDS_FILE)
+        return {"counts": res.counts}
+
+    out, computed = parquet_io.cached_output(cache_dir(cfg), "synthesize", key, compute)
+    counts = parquet_io.read_manifest(out)["meta"]["counts"]
+    new_rows = parquet_io.read_parquet(out / "problems.parquet").to_pylist() if counts["kept"] else []
+    records = parquet_io.read_parquet(out / RECORDS_FILE) if (out / RECORDS_FILE).is_file() else []
     with open_catalog(cfg) as cat:
-        added = cat.add_problems(new_rows) if new_rows else 0
-    counts = meta["counts"]
+        added, _ = cat.add_synthesis(new_rows, records)
     return StepResult(
         "synthesize", key, str(out), computed,
         metrics={"synth_generated": counts["generated"], "synth_kept": counts["kept"],
                  "synth_dropped": counts["dropped"], "synth_added": added,
                  "model_seconds": model_seconds},
     )
+
+
+RECORDS_FILE = "records.parquet"
+
+
+def _records_table(records: list[dict[str, Any]], synthesis_key: str) -> pa.Table:
+    """The synthesis step's record of every generation, as the catalog's synthesis_records rows."""
+    return pa.Table.from_pylist([
+        {"round": r["round"], "synthesis_key": synthesis_key[:32], "generation_key": r["key"],
+         "parent_id": r["parent_id"], "operation": r["operation"], "seed": r["seed"],
+         "reply": r["raw_text"], "finish_reason": r["finish_reason"], "question": r["question"],
+         "status": r["status"], "reason": r["reason"], "detail": r["detail"],
+         "problem_id": r["problem_id"], "answer": r["answer"], "agreement": r["agreement"],
+         "votes": None if r["votes"] is None else json.dumps(r["votes"])}
+        for r in records
+    ])

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage import parquet_io
-from tasks.backend import Backend, Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.storage import parquet_io
+from stillhouse.tasks.backends.base import Backend, Completion, Progress, SampleRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -143,4 +143,10 @@ class ResumableBackend:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+    def __enter__(self) -> ResumableBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 

@@ -4,7 +4,7 @@ Why worker processes in another interpreter
 -------------------------------------------
 vLLM's pins (fastapi, transformers) clash with Prefect's, so it lives in its own venv
 (`.venv-vllm`, see `make .venv-vllm/.installed`), and vLLM does not reliably give GPU memory back
-in process. Each engine is a `python -m tasks.vllm_worker --serve` process started once per backend
+in process. Each engine is a `python -m tasks.backends.vllm_worker --serve` process started once per backend
 and kept for every `sample()` call (an engine start takes tens of seconds); `close()` stops it.
 
 What crosses the process boundary
@@ -50,13 +50,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import parquet_io
-from tasks.backend import Completion, Progress, SampleRequest, SamplingParams
-from tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt
+from stillhouse.storage import parquet_io
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# The folder that holds `tasks/`: the repository root in a checkout, <site-packages>/stillhouse when
+# installed. The worker runs as `python -m tasks.backends.vllm_worker` with only this folder on its
+# path: it imports nothing but the standard library, pyarrow and vllm, and `tasks/__init__.py` and
+# `tasks/backends/__init__.py` stay empty so that importing it pulls in nothing else.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PYTHON_ENV = "STILLHOUSE_VLLM_PYTHON"
 STDERR_TAIL_CHARS = 4000
 
@@ -236,10 +240,10 @@ class VLLMBackend:
         engine_args: extra keyword arguments for vllm.LLM (enforce_eager, max_num_seqs, ...).
         shard_size: requests per shard file; None = one shard per engine per call (fastest).
         cleanup: delete a call's shard files once it returned (when a caller caches results itself,
-            as round_steps' ResumableBackend does).
+            as open_backend's ResumableBackend does).
         env: extra environment variables for the workers.
         """
-        from tasks.models import load_tokenizer, resolve_model
+        from stillhouse.tasks.models.resolve import load_tokenizer, resolve_model
 
         if data_parallel_size < 1 or tensor_parallel_size < 1:
             raise ValueError("data_parallel_size and tensor_parallel_size must be >= 1")
@@ -346,7 +350,7 @@ class VLLMBackend:
         log_path = self.log_dir / f"worker-{index}-{os.getpid()}-{uuid.uuid4().hex[:8]}.log"
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(
-                [self.python, "-m", "tasks.vllm_worker", "--serve", "--engine", json.dumps(spec)],
+                [self.python, "-m", "tasks.backends.vllm_worker", "--serve", "--engine", json.dumps(spec)],
                 cwd=REPO_ROOT, env=self._worker_env(index), stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=log_file,
                 # Its own process group, so that the engine processes it starts can be ended with it.

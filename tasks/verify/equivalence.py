@@ -1,0 +1,392 @@
+"""Are two extracted answers the same? Normalisation, the exact fast path, and Math-Verify.
+
+`answers_match` is the whole check for one pair; the scorer (score.py) runs the fast path in the
+calling process and `_symbolic_match` in worker processes (pool.py). See score.py's docstring for
+the pipeline and why the time limit is ours, not Math-Verify's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import multiprocessing
+import re
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
+from functools import lru_cache
+from typing import Any
+
+from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, unwrap_boxed
+from stillhouse.tasks.verify.numbers import numbers_equal, plain_number
+
+log = logging.getLogger(__name__)
+
+
+class ItemTimeout(BaseException):
+    """Raised from SIGALRM inside `_time_limit`. A BaseException so that the `except Exception`
+    blocks in Math-Verify and sympy cannot swallow it."""
+
+
+# --------------------------------------------------------------------------- normalisation
+
+_OUTER_MATH = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+# Percent is treated as a unit and dropped on both sides, never rescaled: "5%" matches 5, and 5%
+# does not match 0.05 (a GSM8K reference "5" is in the unit the question asked for).
+_PERCENT_SUFFIX = re.compile(r"(?:\s*(?:\\%|%|\\text\{\s*\\?%\s*\})|\s+percent)$", re.IGNORECASE)
+
+
+_SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])\s*")
+# TeX reads "\frac12" as \frac{1}{2} and "\sqrt2" as \sqrt{2}: one-character arguments.
+_SHORT_ARGS = re.compile(r"\\(d?frac|sqrt)\s*(\d)(\d)?")
+
+
+def _brace_short_args(m: re.Match[str]) -> str:
+    if m.group(1) == "sqrt":
+        return f"\\sqrt{{{m.group(2)}}}" + (m.group(3) or "")
+    if m.group(3) is None:
+        return m.group(0)  # "\frac1{x}": leave to Math-Verify
+    return f"\\{m.group(1)}{{{m.group(2)}}}{{{m.group(3)}}}"
+
+
+def normalize_answer(answer: str) -> str:
+    """Strip presentation that never changes the value: outer $...$ or \\boxed{}, a sentence period,
+    currency dollars, a trailing percent sign, unicode minus, \\dfrac/\\tfrac, \\! spacing."""
+    s = answer.strip()
+    if len(s) > 2 * MAX_ANSWER_CHARS:
+        return s  # refused as too long anyway; keeps the regex work bounded
+    for _ in range(4):  # a few layers, e.g. "$\boxed{5\%}$."
+        before = s
+        if s.endswith(".") and not s.endswith(".."):
+            s = s[:-1].rstrip()
+        for opener, closer in _OUTER_MATH:
+            if s.startswith(opener) and s.endswith(closer) and len(s) >= len(opener) + len(closer):
+                s = s[len(opener) : len(s) - len(closer)].strip()
+                break
+        s = unwrap_boxed(s)
+        s = _PERCENT_SUFFIX.sub("", s).strip()
+        if s == before:
+            break
+    s = s.replace("\u2212", "-").replace("\\!", "")
+    s = _SIZING.sub("", s)  # \left( -> (
+    s = _SHORT_ARGS.sub(_brace_short_args, s)  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}
+    s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    # Outer math delimiters are gone; any $ left is a currency sign (or a stray delimiter).
+    s = s.replace("\\$", "").replace("$", "")
+    return s.strip()
+
+
+
+_Num = tuple[Fraction, bool]
+_INF = re.compile(r"([-+]?)\s*\\infty")
+_SEQUENCE = re.compile(r"(\(|\[|\\\{)(.*)(\)|\]|\\\})", re.DOTALL)
+
+
+def _sequence_element(s: str) -> _Num | str | None:
+    s = s.strip()
+    m = _INF.fullmatch(s)
+    if m:
+        return "-oo" if m.group(1) == "-" else "oo"
+    return plain_number(s)
+
+
+_LESS = r"(<|\\le(?:q|qslant)?(?![A-Za-z])|≤)"
+_GREATER = r"(>|\\ge(?:q|qslant)?(?![A-Za-z])|≥)"
+_NUM_TEXT = r"([-+]?\s*[\d.,/]+|[-+]?\s*\\frac\{\d+\}\{\d+\})"
+_CHAIN = re.compile(rf"{_NUM_TEXT}\s*{_LESS}\s*[A-Za-z]\s*{_LESS}\s*{_NUM_TEXT}")
+_UPPER = re.compile(rf"[A-Za-z]\s*{_LESS}\s*{_NUM_TEXT}")
+_LOWER = re.compile(rf"[A-Za-z]\s*{_GREATER}\s*{_NUM_TEXT}")
+
+
+def _relation_as_interval(answer: str) -> tuple[str, tuple[_Num | str, ...]] | None:
+    """"2 < x \\le 5" -> ("(]", (2, 5)); "x > 3" -> ("()", (3, oo)). Only increasing chains."""
+    def strict(op: str) -> bool:
+        return op in "<>"
+
+    if m := _CHAIN.fullmatch(answer):
+        lo, op1, op2, hi = plain_number(m.group(1)), m.group(2), m.group(3), plain_number(m.group(4))
+        if lo is None or hi is None or not lo[0] < hi[0]:
+            return None
+        return ("(" if strict(op1) else "[") + (")" if strict(op2) else "]"), (lo, hi)
+    if m := _UPPER.fullmatch(answer):
+        hi = plain_number(m.group(2))
+        return (None if hi is None else ("(" + (")" if strict(m.group(1)) else "]"), ("-oo", hi)))
+    if m := _LOWER.fullmatch(answer):
+        lo = plain_number(m.group(2))
+        return (None if lo is None else (("(" if strict(m.group(1)) else "[") + ")", (lo, "oo")))
+    return None
+
+
+def plain_sequence(answer: str) -> tuple[str, tuple[_Num | str, ...]] | None:
+    """(kind, elements) if a normalised answer is a tuple, interval or set of plain numbers.
+
+    kind: "()" (open interval or point: the same comparison either way), "[]", "[)", "(]"
+    (intervals), or "set" for \\{a, b\\} and bare lists "a, b" (Math-Verify reads both as sets).
+    """
+    if any(c in answer for c in "<>≤≥") or "\\le" in answer or "\\ge" in answer:
+        return _relation_as_interval(answer)
+    m = _SEQUENCE.fullmatch(answer)
+    if m:
+        opener, inner, closer = m.groups()
+        if (opener == "\\{") != (closer == "\\}"):
+            return None
+        kind = "set" if opener == "\\{" else opener + closer
+    elif ", " in answer:  # "1,234" is a number, "1, 234" a list
+        kind, inner = "set", answer
+    else:
+        return None
+    parts = inner.split(",")
+    if kind not in ("set", "()") and len(parts) != 2:
+        return None
+    elements = tuple(_sequence_element(p) for p in parts)
+    if any(e is None for e in elements) or len(elements) < (1 if kind == "set" else 2):
+        return None
+    return kind, elements  # type: ignore[return-value]
+
+
+def _elements_equal(a: _Num | str, b: _Num | str) -> bool:
+    if isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return numbers_equal(a, b)
+
+
+def _sequences_equal(a: tuple[str, tuple], b: tuple[str, tuple]) -> bool | None:
+    """Same comparison as Math-Verify for sequences of the same kind and for intervals; None for a
+    set against a tuple/interval (Math-Verify has special rules there, e.g. (1, 2) matches 1, 2)."""
+    if a[0] != b[0]:
+        if a[0] != "set" and b[0] != "set" and len(a[1]) == len(b[1]) == 2:
+            return False  # two intervals with different brackets: (5, 8) is not [5, 8)
+        return None
+    if a[0] != "set":
+        return len(a[1]) == len(b[1]) and all(map(_elements_equal, a[1], b[1]))
+    # Sets: every element of one has an equal element in the other (duplicates collapse).
+    return all(any(_elements_equal(x, y) for y in b[1]) for x in a[1]) and all(
+        any(_elements_equal(x, y) for x in a[1]) for y in b[1]
+    )
+
+
+def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
+    """Decide without sympy when possible (both arguments normalised). None = needs Math-Verify."""
+    if not ref:
+        return False, "empty reference"
+    if not pred:
+        return False, None
+    if len(pred) > MAX_ANSWER_CHARS:
+        return False, f"answer longer than {MAX_ANSWER_CHARS} chars"
+    if len(ref) > MAX_ANSWER_CHARS:
+        return False, f"reference longer than {MAX_ANSWER_CHARS} chars"
+    if pred == ref or ("," not in pred and pred.replace(" ", "") == ref.replace(" ", "")):
+        return True, None  # (not for commas: "1, 234" is a list, "1,234" a number)
+    a, b = plain_number(pred), plain_number(ref)
+    if a is not None and b is not None:
+        return numbers_equal(a, b), None
+    # Tuples, intervals and sets of plain numbers, and a number against a set ("find all": a
+    # partial answer 1 for {1, 2} is wrong; 1 for {1} is right).
+    sa = ("set", (a,)) if a is not None else plain_sequence(pred)
+    sb = ("set", (b,)) if b is not None else plain_sequence(ref)
+    if sa is not None and sb is not None:
+        same = _sequences_equal(sa, sb)
+        if same is not None:
+            return same, None
+    return None
+
+
+# --------------------------------------------------------------------------- pre-screen
+
+_MAX_NESTING = 20
+# Math-Verify's LaTeX grammar is exponential in runs of bare braces: "{{{{{{{{{{1}}}}}}}}}}" alone
+# takes seconds; real answers never open more than a few braces in a row.
+_BRACE_RUN = re.compile(r"\{(?:\s*\{){4,}")
+_MAX_DIGITS = 10_000  # a number with more digits than this is not a real final answer
+_NUMERIC_TOWER = re.compile(r"\d+(?:\s*(?:\^|\*\*)\s*[{(]?\s*\d+)+")
+# What a "!" applies to: "100000!", "(10^{10})!", "{10^{6}}!".
+_FACTORIAL_ARG = re.compile(r"(?:\(([^()]{1,200})\)|\{([^{}]{1,200})\}|(\d+))\s*!")
+_MAX_FACTORIAL = 100_000
+
+
+# Program text is not an answer. Math-Verify would find "=1" in "globals().update(PWNED=1)" and
+# call it correct, so code-shaped answers are refused before parsing (nothing is ever executed).
+_CODE_LIKE = re.compile(
+    r"__|\bimport\s+\w|(?<!\\)\blambda\b|"  # not LaTeX's \lambda
+    r"(?<!\\)\b(?:exec|eval|compile|globals|locals|getattr|setattr|open|system|popen|print)\s*\(|"
+    r"\)\s*\.\s*[A-Za-z_]\w*\s*\(|\b[A-Za-z_]\w*\.[A-Za-z_]\w*\s*\("
+)
+
+
+def _tower_log10(nums: list[int]) -> float:
+    """log10 of nums[0] ** nums[1] ** ... (right-associative); inf when astronomically large."""
+    top = nums[-1]
+    log_value = math.log10(top) if top > 0 else -math.inf
+    for base in reversed(nums[:-1]):
+        if base <= 1 or log_value == -math.inf:
+            log_value = -math.inf if base == 0 else 0.0
+            continue
+        if log_value > 300:  # the exponent alone has more than 300 digits
+            return math.inf
+        log_value = (10.0**log_value) * math.log10(base)
+    return log_value
+
+
+def _pathology(s: str) -> str | None:
+    """Why a (normalised) answer is unsafe to hand to sympy, or None. Cheap; O(len(s))."""
+    if _CODE_LIKE.search(s):
+        return "looks like program code, not an answer"
+    depth = deepest = 0
+    for c in s:
+        if c in "{([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "})]":
+            depth -= 1
+    if deepest > _MAX_NESTING or _BRACE_RUN.search(s):
+        return f"nested too deeply (depth {deepest})"
+    for m in _NUMERIC_TOWER.finditer(s):
+        nums = [int(x) for x in re.findall(r"\d+", m.group())]
+        if _tower_log10(nums) > _MAX_DIGITS:
+            return f"number with more than {_MAX_DIGITS} digits"
+    for m in _FACTORIAL_ARG.finditer(s):
+        arg = next(g for g in m.groups() if g is not None).strip()
+        if not re.fullmatch(r"[\d\s^*{}()]+", arg):
+            continue  # symbolic, e.g. (n+1)!
+        nums = [int(x) for x in re.findall(r"\d+", arg)]
+        if _tower_log10(nums) > math.log10(_MAX_FACTORIAL):
+            return f"factorial of a number above {_MAX_FACTORIAL}"
+    return None
+
+
+# --------------------------------------------------------------------------- time limit
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float | None) -> Iterator[None]:
+    """Raise ItemTimeout in the block after `seconds` (SIGALRM via setitimer; float seconds).
+
+    A no-op off the main thread, where signals cannot be used. An outer timer that was running
+    (e.g. pytest-timeout's) is restored with the time it had left.
+    """
+    if (
+        not seconds
+        or seconds <= 0
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "setitimer")
+    ):
+        yield
+        return
+
+    def _raise(signum: int, frame: Any) -> None:
+        raise ItemTimeout()
+
+    old_handler = signal.signal(signal.SIGALRM, _raise)
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_delay > 0:
+            left = max(old_delay - (time.monotonic() - started), 1e-3)
+            signal.setitimer(signal.ITIMER_REAL, left, old_interval)
+
+
+# --------------------------------------------------------------------------- Math-Verify path
+
+
+@lru_cache(maxsize=1)
+def _math_verify() -> tuple[Any, list[Any]]:
+    """Import Math-Verify lazily: the fast path and extraction do not need sympy."""
+    import math_verify
+    import math_verify.grader
+    import math_verify.parser
+
+    # We pass parsing_timeout=None / timeout_seconds=None and enforce our own limit (module
+    # docstring); without this each process would log Math-Verify's "timeout is disabled" warning.
+    math_verify.parser.TIMEOUT_WARNING_SHOWN = True
+    math_verify.grader.TIMEOUT_WARNING_SHOWN = True
+    config = [math_verify.LatexExtractionConfig(), math_verify.ExprExtractionConfig()]
+    return math_verify, config
+
+
+@lru_cache(maxsize=4096)
+def _parse(answer: str) -> tuple[Any, ...]:
+    """Math-Verify parse of one normalised answer; cached because references repeat N times.
+
+    The answer is wrapped in \\boxed{} so Math-Verify treats all of it as the answer (it would
+    otherwise search it for an answer, e.g. take the last number of "1, 2").
+    """
+    mv, config = _math_verify()
+    return tuple(mv.parse("\\boxed{" + answer + "}", extraction_config=config, parsing_timeout=None))
+
+
+def _magnitudes_agree(gold: Sequence[Any], pred: Sequence[Any]) -> bool:
+    """Guard against Math-Verify's numeric comparison chopping tiny differences to zero.
+
+    Math-Verify evaluates (a - b) with chop=True, so 1/2004! "equals" 1/2006!. For two constant
+    expressions we require agreement to 1e-5 relative. Anything we cannot evaluate is left alone.
+    """
+    import sympy
+
+    g = next((x for x in gold if isinstance(x, sympy.Expr)), None)
+    p = next((x for x in pred if isinstance(x, sympy.Expr)), None)
+    if g is None or p is None or g.free_symbols or p.free_symbols:
+        return True
+    try:
+        gv, pv = g.evalf(30), p.evalf(30)
+        scale = max(abs(gv), abs(pv))
+        if scale == 0:
+            return True
+        return bool(abs(gv - pv) <= sympy.Float("1e-5") * scale)
+    except (TypeError, ValueError, ArithmeticError, AttributeError):
+        return True
+
+
+def _symbolic_match(pred: str, ref: str, timeout_s: float | None) -> tuple[bool, str | None]:
+    for side, text in (("answer", pred), ("reference", ref)):
+        problem = _pathology(text)
+        if problem:
+            return False, f"{side} refused: {problem}"
+    try:
+        with _time_limit(timeout_s):
+            mv, _ = _math_verify()
+            gold = _parse(ref)
+            if not gold:
+                return False, "reference could not be parsed"
+            target = _parse(pred)
+            if not target:
+                return False, None
+            # allow_set_relation_comp: "2 < x < 5" answers "(2, 5)" (Math-Verify only allows it when
+            # the prediction is the set).
+            ok = mv.verify(
+                list(gold), list(target), timeout_seconds=None, allow_set_relation_comp=True
+            )
+            if ok and not _magnitudes_agree(gold, target):
+                ok = False
+            return bool(ok), None
+    except ItemTimeout:
+        return False, f"timed out after {timeout_s:g}s"
+    except RecursionError:
+        return False, "expression too deeply nested"
+    except Exception as exc:  # a verifier bug must cost one sample, not the batch
+        log.debug("verification failed for %.80r vs %.80r", pred, ref, exc_info=True)
+        return False, f"{type(exc).__name__}: {exc}"[:300]
+
+
+def answers_match(
+    predicted: str, reference: str, timeout_s: float | None = 5.0
+) -> tuple[bool, str | None]:
+    """(is `predicted` the same answer as `reference`, error message or None).
+
+    Both are answer strings (already extracted), LaTeX or plain. Plain numbers are compared exactly
+    here; everything else goes through Math-Verify within `timeout_s` (main thread only: off it
+    there is no time limit, see module docstring).
+    """
+    pred, ref = normalize_answer(predicted), normalize_answer(reference)
+    quick = quick_verdict(pred, ref)
+    if quick is not None:
+        return quick
+    return _symbolic_match(pred, ref, timeout_s)
+
+
