@@ -218,6 +218,12 @@ class RewardConfig(_Section):
     format: float = Field(
         0.1, description="Added when the answer is given in an explicit format (boxed, ####, ...)."
     )
+    format_requires_correct: bool = Field(
+        True,
+        description="Give the format bonus only to correct answers. Off, a well-formatted wrong "
+        "answer outranks the other wrong answers of its group and the advantage turns that bonus "
+        "into a push toward it.",
+    )
 
 
 class WeightingConfig(_Section):
@@ -228,15 +234,24 @@ class WeightingConfig(_Section):
         "uniform: every sample weight 1 (plain distillation baseline).",
     )
     eps: float = Field(1e-6, gt=0, description="Added to the group std.")
+    std: Literal["population", "sample", "none"] = Field(
+        "population",
+        description="Divide the group advantage by the group std (ddof 0 or 1), or not at all "
+        "('none': r - mean, as Dr. GRPO argues, so that a group with little spread is not blown up).",
+    )
+    zero_if_correctness_uniform: bool = Field(
+        True,
+        description="A group whose samples are all correct or all wrong gets weight 0 even when "
+        "the format bonus makes its rewards differ: format alone is no preference signal, and "
+        "the std division would blow a 0.1 bonus up to the group's largest weight.",
+    )
     negatives: Literal["keep", "clip", "floor"] = Field(
-        "keep",
+        "floor",
         description="group_advantage: keep negative weights, clip them to 0, or floor them at "
-        "`floor`.",
+        "`floor`. The weight stored in the round's version is the weight trained on; nothing "
+        "else floors it.",
     )
     floor: float = Field(-1.0, le=0, description="Lowest weight when negatives='floor'.")
-    std: Literal["population", "sample"] = Field(
-        "population", description="Group std estimator (ddof 0 or 1)."
-    )
 
 
 # --------------------------------------------------------------------------- student
@@ -268,15 +283,18 @@ class TrainingConfig(_Section):
     max_length: int = Field(1024, ge=16, description="Tokens per sample; longer ones are truncated and counted.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
-    # Two settings floor negative weights today: weighting.negatives/floor shape the weights the
-    # weigh step stores in the catalog (default: keep them as they are), and this one floors what
-    # the trainer reads from it (default -1). Merging them changes the stored weights or the
-    # training inputs of shipped configs, so it waits for the weighting/loss rework (issue 12).
-    negative_weight_floor: float = Field(
-        -1.0,
-        le=0,
-        description="Negative weights (unlikelihood on wrong samples) are floored here; 0 drops "
-        "negative samples from training entirely.",
+    loss_normalizer: Literal["samples", "tokens"] = Field(
+        "samples",
+        description="What an optimizer step's weighted loss is divided by: its number of samples "
+        "(sum_i w_i * mean-token-nll_i / n) or its number of completion tokens (sum_i w_i * "
+        "sum-token-nll_i / tokens). Neither depends on the weights, so a weight's size always "
+        "changes the step's gradient.",
+    )
+    negative_loss: Literal["nll", "unlikelihood"] = Field(
+        "unlikelihood",
+        description="How negative-weight samples are pushed down: 'unlikelihood' |w| * mean_t "
+        "-log(1 - p_t), bounded below by 0, stops pushing once a token is unlikely; 'nll' "
+        "-|w| * nll, unbounded (gradient ascent on the sample's likelihood).",
     )
     checkpoint_every: int = Field(50, ge=1, description="Optimizer steps between checkpoints.")
     init: Literal["previous", "base"] = Field(
@@ -300,6 +318,7 @@ class EvalConfig(_Section):
         4, ge=1, description="Samples per training-pool problem for the student's pass rate."
     )
     pool_temperature: float = Field(0.7, ge=0, description="Temperature of the pass-rate samples.")
+    pool_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass of the pass-rate samples.")
     max_eval_problems: int | None = Field(
         None, ge=1, description="Cap on eval problems per round (None = all)."
     )

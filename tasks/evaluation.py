@@ -123,7 +123,7 @@ def evaluate_student(
 
     eval_params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=cfg.max_new_tokens)
     pool_params = SamplingParams(
-        temperature=cfg.pool_temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens
+        temperature=cfg.pool_temperature, top_p=cfg.pool_top_p, max_new_tokens=cfg.max_new_tokens
     )
     eval_reqs = requests(evals, "eval", 1)
     pool_reqs = requests(pool, POOL, cfg.pool_k)
@@ -187,6 +187,7 @@ def evaluate_student(
         meta={
             "pool_k": cfg.pool_k,
             "pool_temperature": cfg.pool_temperature,
+            "pool_top_p": cfg.pool_top_p,
             "max_new_tokens": cfg.max_new_tokens,
             "seed": seed,
             "backend": getattr(backend, "name", type(backend).__name__),

@@ -2,15 +2,18 @@
 
 Each teacher sample i carries a weight w_i (its group-relative advantage, or 1 for plain
 distillation). With nll_i the mean next-token negative log-likelihood over sample i's completion
-tokens (labels == -100 on prompt and padding positions are ignored):
+tokens (labels == -100 on prompt and padding positions are ignored), T_i its number of completion
+tokens, n the samples and T the completion tokens of the optimizer step:
 
-    loss = sum_i w_i * nll_i / sum_i |w_i|
+    normalizer="samples" (default):  loss = sum_i w_i * nll_i / n
+    normalizer="tokens":             loss = sum_i w_i * T_i * nll_i / T
 
 Sign convention: a positive weight pulls a sample's likelihood up (ordinary SFT), a negative weight
-pushes it down (gradient ascent on its NLL, the unlikelihood side of an advantage-weighted update);
-|w| sets how hard. Normalising by the total weight magnitude keeps the loss scale (and so the
-learning rate's meaning) independent of how many samples a batch has and of the advantage scale;
-with all weights 1 it is exactly the mean of the per-sample mean NLLs.
+pushes it down (the unlikelihood side of an advantage-weighted update); |w| sets how hard. The
+denominator never depends on the weights: dividing by the step's own sum |w_i| (as this module once
+did) made a lone sample train the same whatever its weight, and a step of only negative samples a
+full-size push away from them. With all weights 1, "samples" is exactly the mean of the per-sample
+mean NLLs and "tokens" the mean token NLL (plain cross-entropy).
 
 `negative="unlikelihood"` swaps the unbounded -nll_i of negative samples for the bounded token-level
 unlikelihood loss mean_t -log(1 - p_t) (Welleck et al. 2019), weighted by |w_i|: it still lowers
@@ -66,23 +69,27 @@ def weighted_completion_loss(
     weights,
     *,
     shift: bool = True,
+    reduction: Literal["samples", "tokens"] = "samples",
     normalizer: float | None = None,
     negative: Literal["nll", "unlikelihood"] = "nll",
 ):
-    """sum_i w_i * nll_i / sum_i |w_i| over a batch (see the module docstring).
+    """The weighted loss of a batch (see the module docstring).
 
     logits: [B, T, V] (any float dtype; the loss is computed in float32).
     labels: [B, T] token ids, IGNORE_INDEX (-100) where no loss is taken. With `shift=True`
         (default) labels are aligned with the input ids, as for a HF causal LM's `labels=`;
         with `shift=False` labels[:, t] is the target of logits[:, t].
     weights: [B] per-sample weights (any sign).
-    normalizer: the denominator to use instead of this batch's sum |w_i|; gradient accumulation
-        passes the optimizer step's total so that k micro-batches equal one big batch exactly.
+    reduction: "samples" (per-sample mean NLL, averaged over samples) or "tokens" (every completion
+        token counts once, averaged over tokens).
+    normalizer: the denominator to use instead of this batch's count of samples (or tokens);
+        gradient accumulation passes the optimizer step's count so that k micro-batches equal one
+        big batch exactly.
     negative: "nll" (default, the formula above) or "unlikelihood" for negative-weight samples.
     """
     token_nll, sample_index, counts = per_sample_nll(logits, labels, shift=shift)
     return combine_token_nll(
-        token_nll, sample_index, counts, weights, normalizer=normalizer, negative=negative
+        token_nll, sample_index, counts, weights, reduction=reduction, normalizer=normalizer, negative=negative
     )
 
 
@@ -92,6 +99,7 @@ def combine_token_nll(
     counts,
     weights,
     *,
+    reduction: Literal["samples", "tokens"] = "samples",
     normalizer: float | None = None,
     negative: Literal["nll", "unlikelihood"] = "nll",
 ):
@@ -126,12 +134,18 @@ def combine_token_nll(
     else:
         raise ValueError(f"negative must be 'nll' or 'unlikelihood', got {negative!r}")
 
+    if reduction == "tokens":
+        # Sample i's mean over its tokens times T_i: every token counts once.
+        per_sample = per_sample * counts.to(torch.float32)
+    elif reduction != "samples":
+        raise ValueError(f"reduction must be 'samples' or 'tokens', got {reduction!r}")
     if normalizer is None:
-        denom = w.abs().sum()
+        present = counts > 0
+        denom = counts.sum().to(torch.float32) if reduction == "tokens" else present.sum().to(torch.float32)
     else:
         denom = torch.as_tensor(float(normalizer), dtype=torch.float32, device=dev)
-    # An all-masked or all-zero-weight batch: the numerator is an exact 0 still attached to the
-    # graph (through index_add); dividing by 1 instead of 0 keeps it 0 and finite.
+    # An all-masked batch: the numerator is an exact 0 still attached to the graph (through
+    # index_add); dividing by 1 instead of 0 keeps it 0 and finite.
     denom = torch.where(denom > 0, denom, torch.ones_like(denom))
     return per_sample.sum() / denom
 

@@ -7,8 +7,9 @@ renders prompts (stillhouse.tasks.prompts) does so before the data reaches here.
 
 What it does, in order:
 
-1. Weights below `cfg.negative_weight_floor` are floored; samples whose weight is then 0 are dropped
-   before batching (they would cost compute and contribute nothing).
+1. Weights are used exactly as given (the weigh step owns flooring/clipping: the round's version
+   stores the weight trained on); samples whose weight is 0 are dropped before batching (they
+   would cost compute and contribute nothing).
 2. prompt and completion are tokenized separately (completion + EOS), as generation sees them; the
    prompt gets the tokenizer's BOS when the tokenizer adds one and the rendered text lacks it.
    Labels are -100 on prompt and padding. Samples longer than `cfg.max_length` are cut at the end
@@ -17,8 +18,9 @@ What it does, in order:
    mega-batches of 16 micro-batches (little padding), micro-batch order shuffled again. Fractional
    epochs take the first part of the last epoch. Right padding.
 4. Own loop: AdamW on the LoRA parameters, transformers' warmup + constant/linear/cosine schedule,
-   gradient accumulation (each micro-batch's loss is normalised by the whole optimizer step's total
-   |weight|, so k micro-batches equal one big batch), gradient clipping.
+   gradient accumulation (each micro-batch's loss is normalised by the whole optimizer step's
+   number of samples or completion tokens, `cfg.loss_normalizer`, never by its weights, so k
+   micro-batches equal one big batch), gradient clipping. Negative samples get `cfg.negative_loss`.
    The model is asked for logits only at labelled positions (`logits_to_keep` with a boolean mask,
    transformers >= 5): prompt and padding positions never hit the vocabulary projection.
 5. Precision: CPU float32. CUDA: frozen base weights in bfloat16, LoRA weights and AdamW state in
@@ -49,7 +51,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from stillhouse.storage.parquet_io import write_json_atomic
 from stillhouse.tasks.config import LoraConfig, TrainingConfig
@@ -172,7 +174,8 @@ def _supports_mask_logits(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="nll", mask_logits=True):
+def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, reduction="samples", negative="nll",
+               mask_logits=True):
     """Forward one micro-batch and return the weighted loss (see stillhouse.tasks.training.loss)."""
     import torch
 
@@ -189,12 +192,13 @@ def batch_loss(model, ids, mask, labels, weights, *, normalizer=None, negative="
             token_nll = F.cross_entropy(logits.float(), targets, reduction="none")
             sample_index = keep.nonzero(as_tuple=True)[0]
             counts = keep.sum(dim=1)
-            return combine_token_nll(token_nll, sample_index, counts, weights, normalizer=normalizer,
-                                     negative=negative)
+            return combine_token_nll(token_nll, sample_index, counts, weights, reduction=reduction,
+                                     normalizer=normalizer, negative=negative)
         # A model that ignored the mask: fall through with the full logits it returned.
     else:
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return weighted_completion_loss(logits, labels, weights, normalizer=normalizer, negative=negative)
+    return weighted_completion_loss(logits, labels, weights, reduction=reduction, normalizer=normalizer,
+                                    negative=negative)
 
 
 # --------------------------------------------------------------------------- training
@@ -226,7 +230,6 @@ def train_lora(
     progress: Progress | None = None,
     dtype: str = "auto",
     device: str = "auto",
-    negative: Literal["nll", "unlikelihood"] = "nll",
     prompt_special_tokens: bool | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on (prompt, completion, weight) samples with the weighted loss.
@@ -239,8 +242,6 @@ def train_lora(
         fresh LoRA (then `lora`'s rank/alpha are the adapter's own).
     progress: progress(step, total_steps) after each optimizer step; an exception raised from it
         stops training (the last checkpoint stays usable).
-    negative: how negative-weight samples are pushed down (stillhouse.tasks.training.loss): "nll" (default,
-        -|w| * nll) or "unlikelihood" (bounded |w| * -log(1 - p)).
     prompt_special_tokens: BOS handling of the prompt (see `encode_examples`).
     """
     import torch
@@ -249,6 +250,7 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
     examples = load_examples(examples)
+    negative = cfg.negative_loss
     fingerprint = inputs_fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
 
     metrics_path = out_dir / METRICS_FILE
@@ -259,14 +261,12 @@ def train_lora(
         log.info("training in %s already finished; returning its result", out_dir)
         return TrainResult.from_dict(stored["result"])
 
-    # 1. weights: floor, then drop zeros before anything is tokenized.
-    floor = cfg.negative_weight_floor
+    # 1. weights as given; drop zeros before anything is tokenized.
     bad = [i for i, e in enumerate(examples) if not math.isfinite(float(e.weight))]
     if bad:
         raise ValueError(f"{len(bad)} samples have a non-finite weight (first at index {bad[0]})")
-    floored = [TrainExample(e.prompt, e.completion, max(float(e.weight), floor)) for e in examples]
-    kept = [e for e in floored if e.weight != 0.0]
-    skipped_zero = len(floored) - len(kept)
+    kept = [e for e in examples if float(e.weight) != 0.0]
+    skipped_zero = len(examples) - len(kept)
 
     from transformers import AutoTokenizer, get_scheduler
 
@@ -350,7 +350,12 @@ def train_lora(
             for step in range(int(state["step"]), total_steps):
                 t0 = time.perf_counter()
                 micro = plan[step * cfg.grad_accum : (step + 1) * cfg.grad_accum]
-                norm = sum(abs(enc.weights[i]) for mb in micro for i in mb)
+                # The step's samples or completion tokens: independent of the weights' values.
+                if cfg.loss_normalizer == "tokens":
+                    # Labelled (predicted) tokens: position 0 is never a target.
+                    norm = sum(len(enc.input_ids[i]) - max(enc.prompt_lens[i], 1) for mb in micro for i in mb)
+                else:
+                    norm = sum(len(mb) for mb in micro)
                 step_loss = torch.zeros((), device=dev)
                 step_tokens = 0
                 for mb in micro:
@@ -361,7 +366,8 @@ def train_lora(
                     with autocast:
                         try:
                             loss = batch_loss(model, ids, mask, labels, weights, normalizer=norm,
-                                              negative=negative, mask_logits=mask_logits)
+                                              reduction=cfg.loss_normalizer, negative=negative,
+                                              mask_logits=mask_logits)
                         except (TypeError, RuntimeError, IndexError) as err:
                             if not (mask_logits and probing):
                                 raise
@@ -370,7 +376,8 @@ def train_lora(
                                         type(model.get_base_model()).__name__, err)
                             mask_logits = False
                             loss = batch_loss(model, ids, mask, labels, weights, normalizer=norm,
-                                              negative=negative, mask_logits=False)
+                                              reduction=cfg.loss_normalizer, negative=negative,
+                                              mask_logits=False)
                         probing = False
                     loss.backward()
                     step_loss += loss.detach()

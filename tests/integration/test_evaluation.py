@@ -159,6 +159,23 @@ def test_evaluate_student_arithmetic_with_known_answers():
 
 
 @pytest.mark.unit
+def test_pool_sampling_uses_its_temperature_and_top_p_and_eval_is_greedy():
+    seen = []
+
+    class Recording(RightAnswers):
+        def sample(self, requests, params, progress=None):
+            seen.append((requests[0].key.split("/")[0], params))
+            return super().sample(requests, params, progress)
+
+    answers = {p.question: p.answer for p in EVAL + POOL_PROBLEMS}
+    cfg = EvalConfig(pool_k=2, pool_temperature=0.9, pool_top_p=0.8)
+    evaluate_student(Recording(answers, {}), EVAL, POOL_PROBLEMS, cfg, PromptsConfig())
+    params = dict(seen)
+    assert (params["pool"].temperature, params["pool"].top_p) == (0.9, 0.8)  # top_p was 1.0 whatever the config
+    assert params["eval"].temperature == 0.0
+
+
+@pytest.mark.unit
 def test_cap_eval_problems_round_robin():
     assert [p.source for p in cap_eval_problems(EVAL, 4)] == ["arith", "arith", "words", "words"]
     assert cap_eval_problems(EVAL, None) == EVAL

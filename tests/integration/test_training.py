@@ -142,13 +142,13 @@ def test_all_zero_weights_train_nothing_and_save_the_initial_adapter(tiny_model_
         assert torch.equal(student(input_ids=ids, attention_mask=mask).logits, base(input_ids=ids, attention_mask=mask).logits)
 
 
-@pytest.mark.parametrize("weight", [-1.0, 1.0])
-def test_weight_sign_moves_the_sample_likelihood(tiny_model_dir, tok, tmp_path, weight):
+@pytest.mark.parametrize("weight, negative_loss", [(-1.0, "nll"), (-1.0, "unlikelihood"), (1.0, "unlikelihood")])
+def test_weight_sign_moves_the_sample_likelihood(tiny_model_dir, tok, tmp_path, weight, negative_loss):
     ex = _examples(tok)[:1]
     base = _peft_model(tiny_model_dir)
     before = _sample_nll(base, tok, ex)[0]
     res = train_lora(tiny_model_dir, [TrainExample(ex[0].prompt, ex[0].completion, weight)], tmp_path / "run",
-                     _cfg(learning_rate=1e-2, batch_size=1), _lora())
+                     _cfg(learning_rate=1e-2, batch_size=1, negative_loss=negative_loss), _lora())
     assert res.steps == 1 and res.samples_used == 1
     after = _sample_nll(load_student(tiny_model_dir, res.adapter_dir, device="cpu"), tok, ex)[0]
     if weight < 0:
@@ -157,10 +157,16 @@ def test_weight_sign_moves_the_sample_likelihood(tiny_model_dir, tok, tmp_path, 
         assert after < before - 1e-3
 
 
-def test_negative_weights_are_floored(tiny_model_dir, tok, tmp_path):
-    ex = _examples(tok, [1.0, -5.0, -0.2, 1.0, 1.0])
-    res = train_lora(tiny_model_dir, ex, tmp_path / "a", _cfg(negative_weight_floor=0.0), _lora())
-    assert res.samples_skipped_zero_weight == 2 and res.samples_used == 3
+def test_the_trainer_uses_the_weights_as_given(tiny_model_dir, tok, tmp_path):
+    # One owner for flooring (the weigh step): the weight in the round's version is the weight
+    # trained on. A hidden floor at -1 in the trainer made -5.0 and -1.0 train the same.
+    runs = {}
+    for w in (-5.0, -1.0):
+        ex = _examples(tok, [1.0, w, -0.2, 1.0, 1.0])
+        res = train_lora(tiny_model_dir, ex, tmp_path / str(w), _cfg(negative_loss="nll"), _lora())
+        assert res.samples_skipped_zero_weight == 0 and res.samples_used == 5
+        runs[w] = res.loss_curve
+    assert runs[-5.0] != runs[-1.0]
 
 
 # --------------------------------------------------------------------------- LoRA and adapters

@@ -30,7 +30,8 @@ def test_verify_scores_rows_and_reports_bad_ones(tmp_path):
     assert got[0]["id"] == "a" and got[0]["correct"] is True and got[0]["extracted"] == "72"
     assert got[0]["reward"] == pytest.approx(1.1)  # correct + format reward (defaults)
     assert got[1]["correct"] is True and got[1]["error"] is None
-    assert got[2]["correct"] is False and got[2]["reward"] == pytest.approx(0.1)
+    # "The answer is" is an explicit format, but the format bonus goes to correct answers only.
+    assert got[2]["correct"] is False and got[2]["reward"] == 0.0
     assert got[3]["correct"] is False and "reference" in got[3]["error"]
     assert got[4]["correct"] is False and "5" in got[4]["error"]  # the bad line names its row
 

@@ -42,12 +42,35 @@ def test_unit_weights_is_mean_of_per_sample_means():
     assert sample_mean_nll(logits, labels) == pytest.approx(_manual_sample_means(logits, labels), rel=1e-6)
 
 
-def test_single_sample_equals_cross_entropy():
+def test_single_sample_equals_cross_entropy_times_its_weight():
     logits, labels = _batch()
     one_l, one_y = logits[:1], labels[:1]
     expected = F.cross_entropy(one_l[0, :-1], one_y[0, 1:], ignore_index=IGNORE_INDEX)
-    for w in (1.0, 0.3, 5.0):  # normalised by |w|: the scale of a lone sample's weight cancels
-        assert weighted_completion_loss(one_l, one_y, [w]).item() == pytest.approx(expected.item(), rel=1e-6)
+    for w in (1.0, 0.3, 5.0, -0.378):
+        # A weight's size must reach the loss: the old normaliser (the step's own sum |w|) made a
+        # lone sample train the same whatever its weight.
+        assert weighted_completion_loss(one_l, one_y, [w]).item() == pytest.approx(w * expected.item(), rel=1e-6)
+
+
+def test_a_weights_size_scales_the_gradient():
+    logits, labels = _batch()
+    grads = []
+    for w in (-0.378, -1.0, 0.5, 2.0):
+        x = logits.clone().requires_grad_(True)
+        weighted_completion_loss(x, labels, [w, w, w]).backward()
+        grads.append((w, x.grad.clone()))
+    (w0, g0) = grads[1]
+    for w, g in grads:
+        assert torch.allclose(g, g0 * (w / w0), rtol=1e-5, atol=1e-8), w
+    # Negative-only steps: -0.378 and -1.0 no longer push equally hard.
+    assert grads[0][1].abs().sum() < 0.5 * grads[1][1].abs().sum()
+
+
+def test_token_reduction_with_unit_weights_is_plain_cross_entropy():
+    logits, labels = _batch()
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    loss = weighted_completion_loss(logits, labels, torch.ones(B), reduction="tokens")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_unshifted_labels():
@@ -75,13 +98,16 @@ def test_weighted_formula_and_zero_weight_contributes_nothing():
     assert torch.count_nonzero(x.grad[1]) == 0
 
 
-def test_normalizer_makes_accumulation_equal_one_big_batch():
+@pytest.mark.parametrize("reduction", ["samples", "tokens"])
+def test_normalizer_makes_accumulation_equal_one_big_batch(reduction):
     logits, labels = _batch()
     w = torch.tensor([1.0, 0.5, -2.0])
-    full = weighted_completion_loss(logits, labels, w)
-    total = w.abs().sum().item()
-    parts = weighted_completion_loss(logits[:2], labels[:2], w[:2], normalizer=total) + weighted_completion_loss(
-        logits[2:], labels[2:], w[2:], normalizer=total
+    full = weighted_completion_loss(logits, labels, w, reduction=reduction)
+    # The step's samples, or its labelled tokens: never its weights.
+    total = B if reduction == "samples" else int((labels[:, 1:] != IGNORE_INDEX).sum())
+    parts = sum(
+        weighted_completion_loss(logits[sl], labels[sl], w[sl], normalizer=total, reduction=reduction)
+        for sl in (slice(0, 2), slice(2, 3))
     )
     assert parts.item() == pytest.approx(full.item(), rel=1e-6)
 

@@ -1,6 +1,8 @@
-"""Rewards and weights against hand-computed values."""
+"""Rewards and weights against hand-computed values and against the method's invariants."""
 
+import itertools
 import math
+import random
 
 import pytest
 
@@ -13,12 +15,15 @@ EPS = 1e-12
 SQRT3 = math.sqrt(3)
 
 
-def test_reward_is_correctness_plus_format():
+def test_reward_is_correctness_plus_format_on_correct_answers():
     cfg = RewardConfig(correct=1.0, wrong=-0.5, format=0.2)
     assert sample_reward(True, True, cfg) == pytest.approx(1.2)
     assert sample_reward(True, False, cfg) == pytest.approx(1.0)
-    assert sample_reward(False, True, cfg) == pytest.approx(-0.3)
+    # A well-formatted wrong answer earns nothing over other wrong answers (the default)...
+    assert sample_reward(False, True, cfg) == pytest.approx(-0.5)
     assert sample_reward(False, False, cfg) == pytest.approx(-0.5)
+    # ...unless asked for.
+    assert sample_reward(False, True, cfg.model_copy(update={"format_requires_correct": False})) == pytest.approx(-0.3)
 
 
 def test_one_correct_of_four():
@@ -65,11 +70,67 @@ def test_negative_handling(negatives, floor, expected_wrong):
     assert res.advantages[1] == pytest.approx(-1 / SQRT3)
 
 
-def test_format_reward_separates_equally_correct_samples():
-    rewards = [sample_reward(True, fmt, RewardConfig()) for fmt in (True, False)]
-    res = compute_weights(["p", "p"], rewards, [True, True], WeightingConfig(eps=EPS))
-    assert res.weights == pytest.approx([1.0, -1.0])
-    assert res.degenerate_groups == 0
+def _weights(correct, formatted, reward_cfg=RewardConfig(), **weighting):
+    rewards = [sample_reward(c, f, reward_cfg) for c, f in zip(correct, formatted)]
+    return compute_weights(["p"] * len(correct), rewards, correct, WeightingConfig(eps=EPS, **weighting))
+
+
+def test_format_alone_is_no_preference_signal():
+    # The issue's two groups of 8: on the old code the one boxed wrong answer got +2.646 and the
+    # one unboxed correct answer -2.646.
+    wrong_one_boxed = _weights([False] * 8, [True] + [False] * 7)
+    assert wrong_one_boxed.weights == [0.0] * 8 and wrong_one_boxed.degenerate_groups == 1
+    correct_one_unboxed = _weights([True] * 8, [False] + [True] * 7)
+    assert correct_one_unboxed.weights == [0.0] * 8 and correct_one_unboxed.degenerate_groups == 1
+    two_correct = _weights([True, True], [True, False])
+    assert two_correct.weights == [0.0, 0.0]
+
+
+def test_the_sign_comes_from_correctness_even_with_every_safeguard_off():
+    loose = RewardConfig(format_requires_correct=False)
+    res = _weights([False] * 8, [True] + [False] * 7, loose, zero_if_correctness_uniform=False, negatives="keep")
+    assert res.weights[0] == 0.0  # the boxed wrong answer: never pushed up
+    assert all(w < 0 for w in res.weights[1:])
+    res = _weights([True] * 8, [False] + [True] * 7, loose, zero_if_correctness_uniform=False, negatives="keep")
+    assert res.weights[0] == 0.0 and all(w > 0 for w in res.weights[1:])
+
+
+def test_a_correct_answer_below_its_groups_mean_reward_is_not_pushed_down():
+    # N = 20, 18 boxed correct, 1 unboxed correct, 1 wrong: mean 1.035 > 1.0 of the unboxed one.
+    correct = [True] * 19 + [False]
+    formatted = [True] * 18 + [False, True]
+    res = _weights(correct, formatted)
+    assert res.advantages[18] < 0  # what the raw advantage says...
+    assert res.weights[18] == 0.0  # ...is not what the weight does
+    assert res.weights[-1] < 0 and all(w > 0 for w in res.weights[:18])
+
+
+@pytest.mark.parametrize("std", ["population", "sample", "none"])
+@pytest.mark.parametrize("requires_correct, zero_uniform, negatives",
+                         list(itertools.product([True, False], [True, False], ["keep", "clip", "floor"])))
+def test_invariant_wrong_never_up_correct_never_down(std, requires_correct, zero_uniform, negatives):
+    rng = random.Random(f"{std}{requires_correct}{zero_uniform}{negatives}")
+    reward_cfg = RewardConfig(format_requires_correct=requires_correct, format=rng.choice([0.1, 0.5, 2.0]))
+    for _ in range(200):
+        n = rng.randint(1, 16)
+        correct = [rng.random() < 0.5 for _ in range(n)]
+        formatted = [rng.random() < 0.7 for _ in range(n)]
+        res = _weights(correct, formatted, reward_cfg, std=std, zero_if_correctness_uniform=zero_uniform,
+                       negatives=negatives)
+        for c, w in zip(correct, res.weights):
+            assert (w >= 0) if c else (w <= 0), (correct, formatted, res.weights)
+
+
+def test_a_rarer_correct_answer_weighs_more():
+    # The advantage's point: solving a problem the teacher usually fails is worth more.
+    one_of_four = _weights([True, False, False, False], [True] * 4)
+    three_of_four = _weights([True, True, True, False], [True] * 4)
+    assert one_of_four.weights[0] > three_of_four.weights[0] > 0
+
+
+def test_no_std_division_is_reward_minus_mean():
+    res = _weights([True, False, False, False], [False] * 4, std="none", negatives="keep")
+    assert res.weights == pytest.approx([0.75, -0.25, -0.25, -0.25])
 
 
 def test_rft_weights_correct_only():
