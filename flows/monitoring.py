@@ -14,6 +14,8 @@ from prefect.artifacts import (
 )
 from tqdm.auto import tqdm
 
+from stillhouse.tasks.evaluation import accuracy_text
+
 log = logging.getLogger(__name__)
 
 
@@ -69,8 +71,14 @@ ROUND_COLUMNS = [
 ]
 
 
+def _student_accuracy(metrics: dict[str, Any]) -> dict[str, str]:
+    counts = metrics.get("eval_counts") or {}
+    return {s: accuracy_text(a, counts.get(s)) for s, a in (metrics.get("student_accuracy") or {}).items()}
+
+
 def publish_round(run_name: str, round: int, metrics: dict[str, Any]) -> None:
-    rows = [{"metric": label, "value": _fmt(metrics.get(name))} for name, label in ROUND_COLUMNS]
+    shown = {**metrics, "student_accuracy": _student_accuracy(metrics)}
+    rows = [{"metric": label, "value": _fmt(shown.get(name))} for name, label in ROUND_COLUMNS]
     create_table_artifact(
         key=artifact_key(f"{run_name}-round-{round}"),
         table=rows,
@@ -84,9 +92,9 @@ def accuracy_markdown(run_name: str, history: list[dict[str, Any]]) -> str:
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [f"# {run_name}: accuracy across rounds", "", head, sep]
     for m in history:
-        acc = m.get("student_accuracy") or {}
+        acc = _student_accuracy(m)
         cells = [str(m["round"]), f"{m.get('teacher_accuracy', 0):.3f}"]
-        cells += [f"{acc[s]:.3f}" if s in acc else "-" for s in sets]
+        cells += [acc.get(s, "-") for s in sets]
         cells += [str(m.get("easy", "-")), str(m.get("hard", "-")), str(m.get("synth_kept", "-"))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -26,6 +26,38 @@ log = logging.getLogger(__name__)
 POOL = "pool"  # the eval_set name of training-pool rows
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """95% Wilson score interval of a proportion (None for n = 0): honest at small n and at 0 or 1,
+    where the normal approximation gives [0, 0] or intervals outside [0, 1].
+
+    >>> [round(x, 3) for x in wilson_interval(3, 6)]
+    [0.188, 0.812]
+    >>> [round(x, 3) for x in wilson_interval(0, 6)]
+    [0.0, 0.39]
+    """
+    if n <= 0:
+        return None
+    p = correct / n
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    # At 0 or n correct the bound is exactly 0 or 1 (rounding would leave it a hair inside).
+    lo = 0.0 if correct == 0 else max(0.0, center - half)
+    hi = 1.0 if correct == n else min(1.0, center + half)
+    return lo, hi
+
+
+def accuracy_text(accuracy: float | None, n: int | None) -> str:
+    """An accuracy as it is shown everywhere: value, 95% interval and n.
+
+    >>> accuracy_text(0.5, 6)
+    '0.500 [0.188, 0.812] n=6'
+    """
+    if accuracy is None or not n:
+        return "-"
+    lo, hi = wilson_interval(round(accuracy * n), n)
+    return f"{accuracy:.3f} [{lo:.3f}, {hi:.3f}] n={n}"
+
+
 @dataclass
 class EvalResult:
     rows: list[dict[str, Any]]  # one per sample, eval rows first, then pool rows
@@ -45,10 +77,16 @@ class EvalResult:
 
     def summary(self) -> dict[str, Any]:
         rates = list(self.pass_rates.values())
+        total = sum(self.eval_counts.values())
+        overall = self.overall_accuracy
         return {
             "accuracy": dict(self.accuracy),
             "eval_counts": dict(self.eval_counts),
-            "overall_accuracy": self.overall_accuracy,
+            "accuracy_ci": {s: wilson_interval(round(a * self.eval_counts[s]), self.eval_counts[s])
+                            for s, a in self.accuracy.items()},
+            "overall_accuracy": overall,
+            "overall_ci": wilson_interval(round(overall * total), total) if overall is not None else None,
+            "eval_total": total,
             "pool_problems": len(rates),
             "pool_mean_pass_rate": sum(rates) / len(rates) if rates else None,
             "skipped_eval": self.skipped_eval,

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.storage import parquet_io
+from stillhouse.tasks.evaluation import accuracy_text
 
 
 def round_summaries(workdir: str | Path) -> list[dict[str, Any]]:
@@ -83,7 +84,10 @@ def _markdown(run: str, history: list[dict[str, Any]]) -> str:
         cells = []
         for k, _ in cols:
             v = m.get(k)
-            cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
+            if k == "student_overall":
+                cells.append(accuracy_text(v, m.get("eval_total") or sum((m.get("eval_counts") or {}).values())))
+            else:
+                cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
         lines.append(f"| {m['round']} | " + " | ".join(cells) + " |")
     for m in history:
         if m.get("synth_dropped"):

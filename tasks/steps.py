@@ -325,6 +325,9 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
     return StepResult(
         "evaluate", key, str(out), computed,
         metrics={"student_accuracy": summary["accuracy"], "student_overall": summary["overall_accuracy"],
+                 # n and the 95% Wilson interval travel with every accuracy.
+                 "eval_counts": summary["eval_counts"], "student_accuracy_ci": summary.get("accuracy_ci"),
+                 "student_overall_ci": summary.get("overall_ci"), "eval_total": summary.get("eval_total"),
                  "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "model_seconds": model_seconds},
     )
 

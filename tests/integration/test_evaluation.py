@@ -229,3 +229,38 @@ def test_synthesis_votes_with_the_real_model(tiny_backend):
     assert len(res.solutions) == res.kept * 3
     for p in res.problems:
         assert p.round_introduced == 5 and p.answer
+
+
+@pytest.mark.unit
+def test_wilson_interval_holds_the_estimate_stays_in_bounds_and_narrows_with_n():
+    from stillhouse.tasks.evaluation import wilson_interval
+
+    for n in (1, 4, 6, 30, 500):
+        for k in range(0, n + 1, max(1, n // 7)):
+            lo, hi = wilson_interval(k, n)
+            assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert wilson_interval(0, 0) is None
+    widths = [wilson_interval(n // 2, n)[1] - wilson_interval(n // 2, n)[0] for n in (6, 60, 600)]
+    assert widths[0] > widths[1] > widths[2]
+    # 95%: for 50/100 the interval is about +-0.097 (normal approximation +-0.098).
+    lo, hi = wilson_interval(50, 100)
+    assert hi - lo == pytest.approx(2 * 1.96 * 0.05, rel=0.02)
+
+
+@pytest.mark.unit
+def test_every_shown_accuracy_has_its_interval_and_n():
+    from stillhouse.flows.monitoring import accuracy_markdown
+    from stillhouse.tasks.report import _markdown
+
+    answers = {p.question: p.answer for p in EVAL + POOL_PROBLEMS}
+    res = evaluate_student(RightAnswers(answers, {EVAL[0].question: {0}}), EVAL, POOL_PROBLEMS,
+                           EvalConfig(pool_k=1), PromptsConfig())
+    s = res.summary()
+    assert s["eval_counts"] == {"arith": 3, "words": 2} and s["eval_total"] == 5
+    lo, hi = s["accuracy_ci"]["arith"]
+    assert lo < 1 / 3 < hi
+    metrics = {"round": 0, "teacher_accuracy": 0.5, "student_accuracy": s["accuracy"],
+               "eval_counts": s["eval_counts"], "student_overall": s["overall_accuracy"], "eval_total": 5}
+    md = accuracy_markdown("run", [metrics])
+    assert "0.333 [" in md and "n=3" in md and "n=2" in md
+    assert "0.200 [" in _markdown("run", [metrics]) and "n=5" in _markdown("run", [metrics])
