@@ -31,7 +31,7 @@ from stillhouse.flows.monitoring import ProgressReporter, publish_report, publis
 from stillhouse.storage.lock import RunLock
 from stillhouse.tasks import steps
 from stillhouse.tasks.config import RunConfig
-from stillhouse.tasks.report import record_round
+from stillhouse.tasks.report import record_base, record_round
 from stillhouse.tasks.steps import StepResult
 
 GPU = "gpu"
@@ -55,6 +55,7 @@ verify_samples = _step(steps.verify_samples)
 weigh_samples = _step(steps.weigh_samples)
 commit_version = _step(steps.commit_version, retries=1)
 train_student = _step(steps.train_student, gpu=True)
+evaluate_base_student = _step(steps.evaluate_base, gpu=True)
 evaluate_student = _step(steps.evaluate, gpu=True)
 split_pool = _step(steps.split_pool)
 synthesize_problems = _step(steps.synthesize_problems, gpu=True, retries=1)
@@ -65,7 +66,8 @@ def _progress(cfg: RunConfig, round: int, what: str) -> ProgressReporter:
 
 
 @flow(name="stillhouse-round", log_prints=False)
-def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | None = None) -> dict[str, Any]:
+def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | None = None,
+                  base: StepResult | None = None) -> dict[str, Any]:
     """One round: the teacher's samples become a weighted, versioned dataset; the student trains on
     it; its results split the pool; the teacher writes the next round's new problems."""
     cfg, log = config, get_run_logger()
@@ -78,7 +80,7 @@ def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | 
     metrics: dict[str, Any] = {"round": round, **sampled.metrics, **verified.metrics, **weighted.metrics}
     version = commit_version(cfg, round, weighted, metrics)
     trained = train_student(cfg, round, version, previous_adapter, _progress(cfg, round, "train"))
-    evaluated = evaluate_student(cfg, round, trained, _progress(cfg, round, "evaluate"))
+    evaluated = evaluate_student(cfg, round, trained, base, _progress(cfg, round, "evaluate"))
     split = split_pool(cfg, round, evaluated)
     after_commit = [version, trained, evaluated, split]
     if cfg.synthesis.enabled and round + 1 < cfg.rounds:
@@ -114,13 +116,17 @@ def distill(config: RunConfig) -> list[dict[str, Any]]:
     with RunLock(cfg.workdir):
         seeded = seed_problems(cfg)
         log.info("seed pool: %s", seeded.metrics)
+        # The untrained student, once: the row every round's accuracy is read against.
+        base = evaluate_base_student(cfg, ProgressReporter(f"{cfg.run_name} base evaluate"))
+        record_base(cfg.workdir, base.metrics)
+        log.info("untrained student: %s", base.metrics.get("student_accuracy"))
         history: list[dict[str, Any]] = []
         adapter: StepResult | None = None
         for r in range(cfg.rounds):
-            out = distill_round.with_options(flow_run_name=f"{cfg.run_name}-round-{r}")(cfg, r, adapter)
+            out = distill_round.with_options(flow_run_name=f"{cfg.run_name}-round-{r}")(cfg, r, adapter, base)
             adapter = out["adapter"]
             history.append(out["metrics"])
-        publish_report(cfg.run_name, history)
+        publish_report(cfg.run_name, history, base.metrics)
     return history
 
 

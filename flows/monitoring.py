@@ -66,7 +66,8 @@ ROUND_COLUMNS = [
     ("pool", "pool size"), ("samples", "samples"), ("teacher_accuracy", "teacher accuracy"),
     ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |weight|"),
     ("train_loss", "train loss"), ("tokens_per_s", "train tokens/s"),
-    ("student_accuracy", "student accuracy"), ("easy", "easy"), ("hard", "hard"),
+    ("student_accuracy", "student accuracy"), ("same_answers_as_base", "eval answers as untrained"),
+    ("easy", "easy"), ("hard", "hard"),
     ("synth_generated", "synthesized"), ("synth_kept", "kept"), ("synth_dropped", "dropped"),
 ]
 
@@ -86,11 +87,14 @@ def publish_round(run_name: str, round: int, metrics: dict[str, Any]) -> None:
     )
 
 
-def accuracy_markdown(run_name: str, history: list[dict[str, Any]]) -> str:
-    sets = sorted({s for m in history for s in (m.get("student_accuracy") or {})})
+def accuracy_markdown(run_name: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
+    sets = sorted({s for m in [*history, base or {}] for s in (m.get("student_accuracy") or {})})
     head = "| round | teacher acc | " + " | ".join(f"student {s}" for s in sets) + " | easy | hard | new |"
     sep = "|" + "---|" * (head.count("|") - 1)
     lines = [f"# {run_name}: accuracy across rounds", "", head, sep]
+    if base:
+        acc = _student_accuracy(base)
+        lines.append("| base (untrained) | - | " + " | ".join(acc.get(s, "-") for s in sets) + " | - | - | - |")
     for m in history:
         acc = _student_accuracy(m)
         cells = [str(m["round"]), f"{m.get('teacher_accuracy', 0):.3f}"]
@@ -100,9 +104,9 @@ def accuracy_markdown(run_name: str, history: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def publish_report(run_name: str, history: list[dict[str, Any]]) -> None:
+def publish_report(run_name: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> None:
     create_markdown_artifact(
         key=artifact_key(f"{run_name}-report"),
-        markdown=accuracy_markdown(run_name, history),
+        markdown=accuracy_markdown(run_name, history, base),
         description=f"{run_name}: accuracy curve",
     )

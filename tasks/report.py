@@ -27,13 +27,24 @@ def record_round(workdir: str | Path, round: int, metrics: dict[str, Any]) -> Pa
     return parquet_io.write_json_atomic(metrics, Path(workdir) / "rounds" / f"round-{round}.json")
 
 
+def record_base(workdir: str | Path, metrics: dict[str, Any]) -> Path:
+    """The untrained student's accuracies (rounds/base.json, beside the rounds' summaries)."""
+    return parquet_io.write_json_atomic(metrics, Path(workdir) / "rounds" / "base.json")
+
+
+def base_summary(workdir: str | Path) -> dict[str, Any] | None:
+    path = Path(workdir) / "rounds" / "base.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[float]]]) -> dict[str, str]:
+def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[float]]],
+           base: dict[str, Any] | None = None) -> dict[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,6 +60,8 @@ def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[floa
                 label=f"student: {s}")
     ax.plot(rounds, [m.get("pool_mean_pass_rate") for m in history], marker="^", ls="--",
             label="student pass rate (pool)")
+    if base and base.get("student_overall") is not None:
+        ax.axhline(base["student_overall"], color="grey", ls=":", label="untrained student (all eval)")
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -72,7 +85,7 @@ def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[floa
     return out
 
 
-def _markdown(run: str, history: list[dict[str, Any]]) -> str:
+def _markdown(run: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
     cols = [("pool", "pool"), ("samples", "samples"), ("teacher_accuracy", "teacher acc"),
             ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |w|"),
             ("train_loss", "train loss"), ("student_overall", "student acc"),
@@ -80,6 +93,10 @@ def _markdown(run: str, history: list[dict[str, Any]]) -> str:
             ("synth_generated", "synthesized"), ("synth_kept", "kept")]
     lines = [f"# Stillhouse report: {run}", "", "| round | " + " | ".join(c[1] for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
+    if base:
+        cells = [accuracy_text(base.get("student_overall"), base.get("eval_total")) if k == "student_overall"
+                 else "-" for k, _ in cols]
+        lines.append("| base (untrained) | " + " | ".join(cells) + " |")
     for m in history:
         cells = []
         for k, _ in cols:
@@ -127,8 +144,9 @@ def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path
         records = cat.synthesis_records()
         dropped = [r for r in records.to_pylist() if r["status"] == "dropped"]
     run = run_name or workdir.name
-    md = _markdown(run, history) + _dropped_markdown(dropped)
-    plots = _plots(history, samples)
+    base = base_summary(workdir)
+    md = _markdown(run, history, base) + _dropped_markdown(dropped)
+    plots = _plots(history, samples, base)
     md_path = parquet_io.write_bytes_atomic(
         (md + "\n" + "\n".join(f"![{k}]({k}.png)" for k in plots) + "\n").encode(),
         workdir / "report" / "report.md",

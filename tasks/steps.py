@@ -30,7 +30,7 @@ import pyarrow as pa
 from stillhouse.storage import parquet_io
 from stillhouse.storage.catalog import Catalog
 from stillhouse.tasks.backends.base import Progress, SamplingParams
-from stillhouse.tasks.backends.open import model_path, open_backend
+from stillhouse.tasks.backends.open import TRANSPORT_FIELDS, model_path, open_backend
 from stillhouse.tasks.config import RunConfig
 from stillhouse.tasks.problems import Problem
 
@@ -291,10 +291,75 @@ def train_student(
 # --------------------------------------------------------------------------- 6. evaluate
 
 
-def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress | None = None) -> StepResult:
-    """Student (base + this round's adapter): greedy accuracy per eval set, pass rate on the pool."""
+BASE_ROUND = -1  # eval_results rows of the untrained student carry this round
+
+
+def _evaluate_into(out: Path, cfg: RunConfig, round: int, key: str, evals: list[Problem], pool: list[Problem],
+                   progress: Progress | None, adapter: str | None = None, adapter_key: str | None = None):
+    """The student's answers, generated and scored, as out/eval.parquet; returns (EvalResult, model seconds)."""
     from stillhouse.tasks.evaluation import evaluate_student
 
+    with open_backend(cfg.student.model, cache_dir(cfg), step="student", batch_size=cfg.evaluation.batch_size,
+                      adapter=adapter, adapter_key=adapter_key) as student:
+        res = evaluate_student(student, evals, pool, cfg.evaluation, cfg.prompts,
+                               verifier=cfg.verifier, seed=cfg.sampling.seed, progress=progress)
+    rows = [{"round": round, "student_key": key[:32], **{k: r[k] for k in (
+        "eval_set", "problem_id", "sample_index", "response", "extracted", "correct")}}
+        for r in res.rows]
+    parquet_io.write_parquet_atomic(pa.Table.from_pylist(rows), out / "eval.parquet")
+    return res, student.model_seconds
+
+
+def evaluate_base(cfg: RunConfig, progress: Progress | None = None) -> StepResult:
+    """The untrained student (its base model, no adapter) on the eval sets, once per run, with the
+    same prompts and greedy decoding as every round: the row each trained round is compared with."""
+    with open_catalog(cfg, read_only=True) as cat:
+        _, evals = pool_and_eval(cat, 0)
+    key = parquet_io.content_hash(
+        {"adapter": None, "student": cfg.student.model.model_dump(mode="json", exclude=TRANSPORT_FIELDS),
+         "eval": [p.id for p in evals], **cfg.section_dict("evaluation", "verifier", "prompts")}
+    )
+    model_seconds = 0.0
+
+    def compute(out: Path) -> dict[str, Any]:
+        nonlocal model_seconds
+        res, model_seconds = _evaluate_into(out, cfg, BASE_ROUND, key, evals, [], progress)
+        return {"summary": res.summary()}
+
+    out, computed = parquet_io.cached_output(cache_dir(cfg), "evaluate-base", key, compute)
+    table = parquet_io.read_output(out)
+    if table.num_rows:
+        with open_catalog(cfg) as cat:
+            cat.add_eval_results(table)
+    summary = parquet_io.read_manifest(out)["meta"]["summary"]
+    return StepResult("evaluate-base", key, str(out), computed,
+                      metrics={**_accuracy_metrics(summary), "model_seconds": model_seconds})
+
+
+def _accuracy_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    # n and the 95% Wilson interval travel with every accuracy.
+    return {"student_accuracy": summary["accuracy"], "student_overall": summary["overall_accuracy"],
+            "eval_counts": summary["eval_counts"], "student_accuracy_ci": summary.get("accuracy_ci"),
+            "student_overall_ci": summary.get("overall_ci"), "eval_total": summary.get("eval_total")}
+
+
+def same_answers_as_base(evaluated: StepResult, base: StepResult) -> float | None:
+    """Share of eval problems whose greedy answer is character-for-character the base model's.
+    1.0 after training means the adapter most likely was not applied (a known failure of
+    evaluation harnesses), not that training did nothing: a trained LoRA moves some answers."""
+    def greedy(path: str) -> dict[tuple[str, str], str]:
+        t = parquet_io.read_output(Path(path))
+        return {(r["eval_set"], r["problem_id"]): r["response"] for r in t.to_pylist() if r["eval_set"] != "pool"}
+
+    ours, theirs = greedy(evaluated.path), greedy(base.path)
+    shared = set(ours) & set(theirs)
+    return sum(ours[k] == theirs[k] for k in shared) / len(shared) if shared else None
+
+
+def evaluate(cfg: RunConfig, round: int, trained: StepResult, base: StepResult | None = None,
+             progress: Progress | None = None) -> StepResult:
+    """Student (base + this round's adapter): greedy accuracy per eval set, pass rate on the pool;
+    with `base`, the share of eval answers identical to the untrained student's."""
     with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
     key = parquet_io.content_hash(
@@ -305,15 +370,8 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
 
     def compute(out: Path) -> dict[str, Any]:
         nonlocal model_seconds
-        with open_backend(cfg.student.model, cache_dir(cfg), step="student", batch_size=cfg.evaluation.batch_size,
-                          adapter=trained.path, adapter_key=trained.key) as student:
-            res = evaluate_student(student, evals, pool, cfg.evaluation, cfg.prompts,
-                                   verifier=cfg.verifier, seed=cfg.sampling.seed, progress=progress)
-        model_seconds = student.model_seconds
-        rows = [{"round": round, "student_key": key[:32], **{k: r[k] for k in (
-            "eval_set", "problem_id", "sample_index", "response", "extracted", "correct")}}
-            for r in res.rows]
-        parquet_io.write_parquet_atomic(pa.Table.from_pylist(rows), out / "eval.parquet")
+        res, model_seconds = _evaluate_into(out, cfg, round, key, evals, pool, progress,
+                                            adapter=trained.path, adapter_key=trained.key)
         return {"summary": res.summary(), "pass_rates": res.pass_rates}
 
     out, computed = parquet_io.cached_output(cache_dir(cfg), "evaluate", key, compute)
@@ -322,14 +380,21 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, progress: Progress
     with open_catalog(cfg) as cat:
         cat.add_eval_results(table)
     summary = meta["summary"]
-    return StepResult(
+    result = StepResult(
         "evaluate", key, str(out), computed,
-        metrics={"student_accuracy": summary["accuracy"], "student_overall": summary["overall_accuracy"],
-                 # n and the 95% Wilson interval travel with every accuracy.
-                 "eval_counts": summary["eval_counts"], "student_accuracy_ci": summary.get("accuracy_ci"),
-                 "student_overall_ci": summary.get("overall_ci"), "eval_total": summary.get("eval_total"),
+        metrics={**_accuracy_metrics(summary),
                  "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "model_seconds": model_seconds},
     )
+    if base is not None:
+        same = same_answers_as_base(result, base)
+        result.metrics["same_answers_as_base"] = same
+        if same == 1.0:
+            log.warning(
+                "round %d: the trained student's greedy answers equal the untrained student's on every "
+                "eval problem: check that the adapter %s is applied by the %r backend",
+                round, trained.path, cfg.student.model.backend,
+            )
+    return result
 
 
 # --------------------------------------------------------------------------- 7. split

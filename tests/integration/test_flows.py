@@ -132,6 +132,25 @@ def test_two_rounds_complete_with_versions_and_lineage(smoke_run):
     assert summary["round"] == 1 and "student_accuracy" in summary
 
 
+def test_the_untrained_student_is_a_row(smoke_run):
+    cfg, history, _, _ = smoke_run
+    base = json.loads((Path(cfg.workdir) / "rounds" / "base.json").read_text())
+    # Same eval sets and problems as every round, each accuracy with its n and interval.
+    assert base["eval_counts"] == history[0]["eval_counts"] and base["eval_total"] > 0
+    for s, acc in base["student_accuracy"].items():
+        lo, hi = base["student_accuracy_ci"][s]
+        assert lo <= acc <= hi
+    with Catalog(cfg.workdir, read_only=True) as cat:
+        rows = [r for r in cat.read("eval_results").to_pylist() if r["round"] == -1]
+    assert len(rows) == base["eval_total"] and all(r["eval_set"] != "pool" for r in rows)
+    assert sum(r["correct"] for r in rows) == round(base["student_overall"] * base["eval_total"])
+    # Each trained round says how many eval answers it shares with the untrained student. (The smoke
+    # student trains 2-4 steps at lr 2e-4: its greedy answers stay the base model's, 1.0, and the
+    # round logs the "adapter not applied?" warning; tests/unit/test_steps_base.py checks the share.)
+    for m in history:
+        assert 0.0 <= m["same_answers_as_base"] <= 1.0
+
+
 def test_rerun_does_no_model_work(smoke_run, monkeypatch):
     cfg, history, _, _ = smoke_run
     work = ModelWork(monkeypatch)
@@ -212,6 +231,7 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     assert pq.read_table(out).num_rows > 0
     cli("report", cfg.workdir)
     html = (Path(cfg.workdir) / "report" / "report.html").read_text()
+    assert "base (untrained)" in (Path(cfg.workdir) / "report" / "report.md").read_text()
     assert html.count("data:image/png;base64,") == 3
     if diff["dropped"]:  # the report says why synthesized problems were dropped
         md = (Path(cfg.workdir) / "report" / "report.md").read_text()
@@ -253,6 +273,13 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _ended(proc: subprocess.Popen) -> str:
+    """How a run that stopped early ended (its exit status and the tail of its stderr)."""
+    if proc.poll() is None:
+        return "still running (timed out)"
+    return f"exit {proc.returncode}: {proc.stderr.read()[-2000:]}"
+
+
 def _wait_for(predicate, proc, timeout=600):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -283,13 +310,13 @@ def test_sigkill_mid_sampling_and_mid_training_then_rerun_equals_uninterrupted(m
     checkpoints = lambda: list((workdir / "adapters").glob("round-0/*/checkpoints/step-*/manifest.json"))  # noqa: E731
 
     proc = _cli_run(cfg, env)
-    assert _wait_for(lambda: len(teacher_parts()) >= 1, proc), "sampling never started"
+    assert _wait_for(lambda: len(teacher_parts()) >= 1, proc), f"sampling never started: {_ended(proc)}"
     _kill(proc)
     manifests = list((workdir / "cache" / "teacher").glob("*/_manifest.json"))
     assert not manifests, "killed too late: sampling had already finished"
 
     proc = _cli_run(cfg, env)
-    assert _wait_for(lambda: len(checkpoints()) >= 1, proc), "training never checkpointed"
+    assert _wait_for(lambda: len(checkpoints()) >= 1, proc), f"training never checkpointed: {_ended(proc)}"
     _kill(proc)
     assert not list((workdir / "adapters").glob("round-0/*/metrics.json")), "killed too late: training finished"
 
