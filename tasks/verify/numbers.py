@@ -169,9 +169,37 @@ def plain_number_text(text: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- decimal comma
+
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+_THOUSANDS_GROUPS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
+_POINT_DECIMAL = re.compile(r"[-+]?\d*\.\d+")
+
+
+def decimal_comma_value(answer: str, reference: str) -> Fraction | None:
+    """The value of an answer written with a decimal comma ("2,5", "1000,99"), read that way only
+    when the reference is a single decimal written with a point and the answer's comma cannot be a
+    thousands separator (docs/verifier.md). None otherwise.
+
+    >>> decimal_comma_value("2,5", "2.5")
+    Fraction(5, 2)
+    >>> decimal_comma_value("1,234", "1.234") is None  # thousands separator: 1234
+    True
+    """
+    if not (_DECIMAL_COMMA.fullmatch(answer) and _POINT_DECIMAL.fullmatch(reference)):
+        return None
+    if _THOUSANDS_GROUPS.fullmatch(answer):
+        return None
+    return Fraction(answer.replace(",", "."))
+
+
 # --------------------------------------------------------------------------- free text
 
 
 # A number as people write it: 1,234.5 | -3 | 0.25 | 3/4 | .5 (unicode minus too). Not inside a
 # word or identifier (x2, v1.5), hence the look-behind.
-NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)")
+# A comma followed by one or two digits ("1000,99") is a decimal comma (docs/verifier.md); the
+# comparison decides whether that reading is taken.
+NUMBER_IN_TEXT = re.compile(
+    r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)"
+)
