@@ -184,14 +184,18 @@ def _sequences_equal(a: tuple[str, tuple], b: tuple[str, tuple]) -> bool | None:
 def _words_verdict(pred: str, ref: str) -> bool | None:
     """Text answers (normalised: \\text{} already unwrapped). Single letters are symbols or choices
     and compare case-sensitively (E is not e); words of three or more letters ("Even", "odd",
-    "Monday") compare case-insensitively. None when this is not a text answer."""
+    "Monday") compare case-insensitively. None when this is not a text answer.
+
+    >>> _words_verdict("Even", "even"), _words_verdict("E", "e"), _words_verdict("x+1", "x")
+    (True, False, None)
+    """
     if not (_WORD.fullmatch(pred) and _WORD.fullmatch(ref)):
         return None
-    if len(pred) == 1 and len(ref) == 1:
+    if len(pred) <= 2 or len(ref) <= 2:
+        # Symbols and choices; "ab" vs "ba" could be a product, but also the segments AB and BA:
+        # not sure, so not equal (a miss rather than a false positive).
         return pred == ref
-    if pred.lower() == ref.lower() and (len(pred) >= 3 or " " in pred):
-        return True
-    return None  # "ab" vs "ba" may be products of symbols: Math-Verify decides
+    return pred.lower() == ref.lower()
 
 
 def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:

@@ -76,9 +76,12 @@ _BOX_JOINER = re.compile(
 )
 # Wider gaps that still say "and": "\boxed{1} papers and \boxed{2}", "\boxed{(3, 3)} \text{ for part
 # (a) and } \boxed{(1, 1)}", "\(\boxed{1}\) and \(\boxed{-2}\)", "\boxed{1}\boxed{2}". A gap that is a
-# sentence ("works. Then ...") or has no "and"/","/";" keeps only the last box.
-_BOX_GAP_TOKEN = re.compile(r"\\(?:quad|qquad|text\{[^{}]{0,40}\}|mbox\{[^{}]{0,40}\}|[()\[\],;!]|\s)|[\s$,;()=]|_\{?\w{1,3}\}?|[A-Za-z]+")
-_BOX_GAP_AND = re.compile(r"(?:^|[^A-Za-z])(?:and)(?:$|[^A-Za-z])|[,;]")
+# sentence, corrects itself ("is wrong, the answer is") or has no "and" keeps only the last box.
+_BOX_GAP_MARKUP = re.compile(r"\\(?:quad|qquad|text|mbox|textnormal|[()\[\],;!])|[{}$\s,;()=]|_\{?\w{1,3}\}?")
+_BOX_GAP_STOP = frozenset(
+    "is was are wrong not no but wait actually answer answers correct incorrect instead however so then "
+    "therefore thus final hmm oops check mistake error also".split()
+)
 
 
 def _scan_braced(text: str, open_idx: int) -> tuple[int, str | None]:
@@ -156,19 +159,16 @@ def _boxes_adjacent(text: str, gap_start: int, gap_end: int) -> bool:
     if gap_end - gap_start <= 40 and _BOX_JOINER.fullmatch(text, gap_start, gap_end):
         return True
     gap = text[gap_start:gap_end]
-    if not gap.strip(" $"):
-        return True  # "\boxed{1}\boxed{2}"
     if "." in gap or "\n\n" in gap:
         return False
-    pos, words = 0, 0
-    while pos < len(gap):
-        m = _BOX_GAP_TOKEN.match(gap, pos)
-        if m is None:
-            return False
-        if m.group()[0].isalpha():
-            words += 1
-        pos = m.end()
-    return words <= 6 and bool(_BOX_GAP_AND.search(gap))
+    rest = _BOX_GAP_MARKUP.sub(" ", gap)
+    words = rest.split()
+    if not all(w.isalpha() for w in words):
+        return False
+    if not words:
+        return True  # "\boxed{1}\boxed{2}", "\(\boxed{1}\), \(\boxed{2}\)"
+    lowered = [w.lower() for w in words]
+    return "and" in lowered and len(words) <= 6 and not _BOX_GAP_STOP.intersection(lowered)
 
 
 def _extract_boxed(text: str) -> Extraction | None:
@@ -340,7 +340,7 @@ def _is_math(content: str, inline: bool) -> bool:
     return not _PROSE.search(_TEXT_GROUP.sub(" ", content))
 
 
-def _dollar_spans(tail: str) -> list[tuple[int, int, str, bool]]:
+def _dollar_spans(tail: str, limit: int = 1) -> list[tuple[int, int, str, bool]]:
     """(start, end, content, inline) of $...$ and $$...$$ spans, paired from the end of the text.
 
     Pairing from the end is right where the answer is: "costs $2 each, so $9 \\times 2 = 18$"
@@ -358,6 +358,8 @@ def _dollar_spans(tail: str) -> list[tuple[int, int, str, bool]]:
         content = tail[o_end:c_start]
         if _is_math(content, inline=not double):
             spans.append((o_start, c_end, content, not double))
+            if len(spans) >= limit:
+                break
             i -= 2
         else:
             i -= 1
@@ -381,7 +383,7 @@ def _extract_last_math(text: str) -> Extraction | None:
     answer; None when there is none (or the last one is not plainly math)."""
     offset = max(0, len(text) - MATH_TAIL_CHARS)
     tail = text[offset:]
-    spans = _dollar_spans(tail)[:1]
+    spans = _dollar_spans(tail, limit=1)
     for opener, closer in (("\\(", "\\)"), ("\\[", "\\]")):
         found = _bracket_span(tail, opener, closer)
         if found:
@@ -452,6 +454,7 @@ def _inside_latex(tail: str, start: int, end: int) -> bool:
 _REF_SPAN_JOINER = re.compile(r"\s*(?:,|;|\band\b|\bor\b)?\s*(?:\band\b|\bor\b)?\s*")
 # Longest reference read as written; longer ones must end in a box (MATH solutions) or a marker.
 MAX_REFERENCE_CHARS = 1_000_000
+_SHORT_REFERENCE_CHARS = 200
 
 
 def extract_reference(reference: str) -> Extraction:
@@ -478,10 +481,12 @@ def extract_reference(reference: str) -> Extraction:
         ) and spans and spans[0][0] == 0 and spans[-1][1] == len(ref.rstrip(". "))
         if gaps_ok:
             return Extraction(", ".join(c.strip() for _, _, c in spans), "reference_spans", True)
-    if len(ref) <= MAX_ANSWER_CHARS and not _PROSE.search(_TEXT_GROUP.sub(" ", ref.replace("$", " "))):
+    # Short references are answers as written ("no solution", "$125$ miles", "\text{Evelyn}"); only
+    # long prose is a solution to read.
+    if len(ref) <= _SHORT_REFERENCE_CHARS or (
+        len(ref) <= MAX_ANSWER_CHARS and not _PROSE.search(_TEXT_GROUP.sub(" ", ref.replace("$", " ")))
+    ):
         return Extraction(ref, None, True)
-    if len(ref) <= MAX_ANSWER_CHARS and re.fullmatch(r"\$[^$]+\$\s*[A-Za-z ]{1,20}\.?", ref):
-        return Extraction(ref.replace("$", " ").strip(), None, True)  # "$125$ miles"
     # A solution text without a box: read it like a response (markers, then the last math span).
     found = extract_answer(ref)
     if found.answer is None and found.error is None:
