@@ -460,7 +460,7 @@ _SHORT_REFERENCE_CHARS = 200
 def extract_reference(reference: str) -> Extraction:
     """The answer a reference stands for (see module docstring).
 
-    >>> extract_reference("Thus $x = \\boxed{5}$.").answer
+    >>> extract_reference("Thus $x = \\\\boxed{5}$.").answer
     '5'
     >>> extract_reference("$1$ and $2$ and $3$").answer
     '1, 2, 3'
@@ -500,9 +500,9 @@ def extract_reference(reference: str) -> Extraction:
 def extract_answer(text: str, *, last_number_fallback: bool = True) -> Extraction:
     """Find the final answer in `text` (see module docstring for formats and priorities).
 
-    >>> extract_answer("so the ratio is $\\frac{10}{9}$.").answer
-    '\\frac{10}{9}'
-    >>> extract_answer("so the ratio is \\frac{10}{9}").error
+    >>> extract_answer("so the ratio is $\\\\frac{10}{9}$.").answer
+    '\\\\frac{10}{9}'
+    >>> extract_answer("so the ratio is \\\\frac{10}{9}").error
     'last number is part of a LaTeX expression'
     """
     if not isinstance(text, str):

@@ -169,3 +169,39 @@ def test_policy_equation_up_to_a_factor_and_approx():
     assert answers_match("\\frac{70}{9} \\approx 7.78", "7.78")[0]
     assert answers_match("\\frac{70}{9} \\approx 7.78", "\\frac{70}{9}")[0]
     assert not answers_match("\\frac{70}{9} \\approx 7.77", "7.78")[0]
+
+
+# --------------------------------------------------------------------------- hostile text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "$a$ " * 1_000_000,
+        "$" * 5_000_000,
+        "\\(" * 2_000_000 + "\\)",
+        "\\[x\\]" * 1_000_000,
+        "\\boxed{1} and " * 500_000,
+        "costs $5 each and " * 500_000,
+        "\\frac{1}{2}" * 500_000,
+    ],
+    ids=["spans", "dollars", "parens", "displays", "boxes-and", "currency", "fracs"],
+)
+def test_new_fallbacks_are_bounded_on_10mb_inputs(text):
+    import time
+
+    started = time.monotonic()
+    ext = extract_answer(text)
+    ref = extract_reference(text)
+    assert time.monotonic() - started < 2.0
+    assert ext.answer is None or len(ext.answer) <= 1000
+    assert ref.answer is None or len(ref.answer) <= 1_000_000
+
+
+@pytest.mark.parametrize("module", ["stillhouse.tasks.verify.extract", "stillhouse.tasks.verify.equivalence"])
+def test_docstring_examples_run(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted and not result.failed
