@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, unwrap_boxed
-from stillhouse.tasks.verify.numbers import decimal_comma_value, numbers_equal, plain_number
+from stillhouse.tasks.verify.numbers import decimal_comma_value, numbers_equal, plain_number, trailing_unit
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,9 @@ def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
         return True, None  # (not for commas: "1, 234" is a list, "1,234" a number)
     a, b = plain_number(pred), plain_number(ref)
     if a is not None and b is not None:
+        units = trailing_unit(pred), trailing_unit(ref)
+        if None not in units and units[0] != units[1]:
+            return False, None  # policy: "5 cm" does not answer "5 m" (docs/verifier.md)
         return numbers_equal(a, b), None
     words = _words_verdict(pred, ref)
     if words is not None:

@@ -72,6 +72,25 @@ def _strip_units(s: str) -> str:
     return s
 
 
+def trailing_unit(answer: str) -> str | None:
+    """The unit word at the end of an answer, folded for comparison ("5 \\text{ Meters}" -> "meter"),
+    or None. Same grammar as the fast path's unit stripping; degrees are not a unit here.
+
+    >>> trailing_unit("5 \\\\text{ cm}"), trailing_unit("12 apples"), trailing_unit("5")
+    ('cm', 'apple', None)
+    """
+    s = _DEGREES.sub("", answer.strip())
+    m = _TEXT_UNIT.search(s)
+    word = m.group(1) if m and not any(w.lower() in _VALUE_WORDS for w in m.group(1).split()) else None
+    if word is None:
+        m = _WORD_UNIT.search(s)
+        word = m.group(1) if m and m.group(1).lower() not in _VALUE_WORDS else None
+    if word is None:
+        return None
+    word = word.lower().replace(" ", "").rstrip(".")
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
 def plain_number(answer: str) -> tuple[Fraction, bool] | None:
     """(exact value, written_as_decimal) if a normalised answer is a plain number, else None."""
     s = _strip_units(answer)

@@ -418,6 +418,10 @@ FREEFORM_CASES: list[FreeCase] = [
     C("12", "The garden is $12 \\text{ m}^2$ in area.", True, "units"),
     C("12", "The garden is $13 \\text{ m}^2$ in area.", False, "units"),
     C("45", "The car travels at $45\\,\\text{km/h}$.", True, "units"),
+    C("5 \\text{ m}", "The rope is $5 \\text{ cm}$ long.", False, "policy-units"),
+    C("5 \\text{ m}", "The rope is $5 \\text{ m}$ long.", True, "policy-units"),
+    C("5 \\text{ meters}", "#### 5 meter", True, "policy-units"),
+    C("5", "The rope is $5 \\text{ cm}$ long.", True, "policy-units"),
     # ------------------------------------------------ free-text numbers (MV-all issue list)
     C("$2/3$", "P(A) = (1/2) / (3/4) P(A) = 2/3 Therefore, the probability that Alice wins the game is 2/3. "
       "<|im_start|>user", True, "inline"),
