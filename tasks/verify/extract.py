@@ -378,6 +378,9 @@ def _bracket_span(tail: str, opener: str, closer: str) -> tuple[int, int, str, b
     return (start, close + len(closer), content, inline) if _is_math(content, inline) else None
 
 
+_SPAN_JOINER = re.compile(r"\s{0,3}(?:,|;|,?\s{0,3}(?:and|or))\s{0,3}")
+
+
 def _extract_last_math(text: str) -> Extraction | None:
     """The last math span near the end of the text, as a careful grader would read an unmarked
     answer; None when there is none (or the last one is not plainly math)."""
@@ -400,11 +403,21 @@ def _extract_last_math(text: str) -> Extraction | None:
         ):
             return _finish(bare, "last_math", format_ok=False)
         return None
-    _start, _end, content, _inline = max(spans, key=lambda sp: sp[1])
-    last_number = _last_match(NUMBER_IN_TEXT, tail, _end)
+    start, end, content, _inline = max(spans, key=lambda sp: sp[1])
+    last_number = _last_match(NUMBER_IN_TEXT, tail, end)
     if last_number is not None and not _inside_latex(tail, last_number.start(), last_number.end()):
         return None  # a plain number after the last math span is the later answer
     content = content.strip()
+    # "The roots are $x = 2$ and $x = 3$": spans joined by "and"/"or"/"," are one list, or a
+    # grader taking only the last one would accept 3 for {2, 3}.
+    parts = [content]
+    for prev_start, prev_end, prev_content, _ in _dollar_spans(tail[:start], limit=MAX_JOINED_BOXES):
+        if len(parts) >= MAX_JOINED_BOXES or not _SPAN_JOINER.fullmatch(tail, prev_end, start):
+            break
+        parts.append(prev_content.strip())
+        start = prev_start
+    if len(parts) > 1:
+        content = ", ".join(reversed(parts))
     # A display block of several equations: the last line is the answer.
     if "\\\\" in content and "\\begin" not in content:
         content = content.rsplit("\\\\", 1)[-1].strip() or content

@@ -30,6 +30,10 @@ KNOWN_MISSES = {
     ("3", "The remainder is $3$. This can be checked with $17 = 2 \\cdot 7 + 3$."),
     # "++++++" between two boxes is not read as "and": only the last box is the reference.
     ("$\\boxed{35 cm} ++++++ \\boxed{4}$", "${35 cm,4}$"),
+    # The answer (4) is plain text before a later math span ($3$ friends).
+    ("4", "Each friend gets 12 / 3 = 4 cookies, and there are $3$ friends."),
+    # A choice in parentheses outside math is not extracted (no answer).
+    ("\\text{C}", "The correct choice is (C)."),
 }
 
 
