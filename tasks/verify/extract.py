@@ -487,6 +487,8 @@ def extract_reference(reference: str) -> Extraction:
         found = _extract_boxed(ref)  # the last box of a solution (adjacent boxes as one list)
         if found is not None:
             return found
+    if "####" in ref:  # a GSM8K solution with its "#### N" line
+        return extract_answer(ref, last_number_fallback=False)
     if ref.count("$") >= 4 and len(ref) <= MAX_ANSWER_CHARS:
         spans = [(m.start(), m.end(), m.group(1)) for m in re.finditer(r"(?<!\\)\$([^$]+)\$", ref)]
         gaps_ok = all(

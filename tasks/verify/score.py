@@ -2,7 +2,9 @@
 
 Pipeline per sample (score_samples):
 
-1. extract   stillhouse.tasks.verify.extract.extract_answer finds the final answer (boxed, ####, ...).
+1. extract   stillhouse.tasks.verify.extract.extract_answer finds the final answer (boxed, ####, ...,
+             else the last math span or plain number); extract_reference reads the reference (its
+             last box when it is a solution text). Policies: docs/verifier.md.
 2. fast path In the calling process: normalise both answers; identical strings, or two plain
              numbers ("1,234", "$5.00", "50%", "1/2", "-3", "\\frac{3}{4}"), are decided exactly
              with fractions.Fraction. This settles almost every GSM8K sample without sympy.

@@ -211,6 +211,10 @@ FREEFORM_CASES: list[FreeCase] = [
     C(_solution("(1, 2)", 25), "Therefore $(x, y) = (2, 1)$.", False, "ref-solution"),
     C("The sum of the roots is $-b/a$, which is $\\boxed{-3}$.", "$\\boxed{-3}$", True, "ref-solution"),
     C("The sum of the roots is $-b/a$, which is $\\boxed{-3}$.", "$\\boxed{3}$", False, "ref-solution"),
+    C("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72",
+      "So she sold $72$ clips.", True, "ref-solution"),
+    C("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72",
+      "So she sold $24$ clips.", False, "ref-solution"),
     # ------------------------------------------------ LaTeX-wrapped references (own)
     C("$\\frac{1}{2}$", "#### 0.5", True, "ref-latex"),
     C("$$\\frac{1}{2}$$", "The answer is 1/2.", True, "ref-latex"),
