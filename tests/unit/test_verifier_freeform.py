@@ -34,6 +34,8 @@ KNOWN_MISSES = {
     ("4", "Each friend gets 12 / 3 = 4 cookies, and there are $3$ friends."),
     # A choice in parentheses outside math is not extracted (no answer).
     ("\\text{C}", "The correct choice is (C)."),
+    # "The answer is not $5$, it is $6$": the phrase extractor takes "not $5$" (no answer read).
+    ("6", "The answer is not $5$, it is $6$."),
 }
 
 

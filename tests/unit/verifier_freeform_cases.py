@@ -504,6 +504,28 @@ FREEFORM_CASES: list[FreeCase] = [
     C("4", "$$\\sum_{k=1}^{4} k = 10$$", False, "holdout"),
     C("\\frac{1}{8}", "The answer: $\\left(\\frac12\\right)^3 = \\frac18$", True, "holdout"),
     C("3", "The answer: $\\left(\\frac12\\right)^3 = \\frac18$", False, "holdout"),
+    # A second held-out batch (false-positive traps), measured once before being added: ours 17/20
+    # with 1 false positive, Math-Verify 15/20 with 2. Two rows of that batch were left out as
+    # ambiguous without the question ("the slope is $m = 3/2$ and the intercept is $b = -1$" against
+    # -1 or 3/2: which quantity was asked decides); ours counted one of them as its false positive.
+    C("5", "The answer is not $5$, it is $6$.", False, "holdout"),
+    C("6", "The answer is not $5$, it is $6$.", True, "holdout"),
+    C("5", "I initially thought $x = 5$, but substituting back gives $x = 7$.", False, "holdout"),
+    C("7", "I initially thought $x = 5$, but substituting back gives $x = 7$.", True, "holdout"),
+    C("2", "We need $x^2 = 4$, so $x = \\pm 2$.", False, "holdout"),
+    C("\\pm 2", "We need $x^2 = 4$, so $x = \\pm 2$.", True, "holdout"),
+    C("3", "Let $n = 3$. Then the sum is $n(n+1)/2 = 6$.", False, "holdout"),
+    C("6", "Let $n = 3$. Then the sum is $n(n+1)/2 = 6$.", True, "holdout"),
+    C("10", "The perimeter is $2(2 + 3) = 10$ cm.", True, "holdout"),
+    C("5", "The perimeter is $2(2 + 3) = 10$ cm.", False, "holdout"),
+    C("1", "So $\\lim_{x \\to 0} \\frac{\\sin x}{x} = 1$.", True, "holdout"),
+    C("0", "So $\\lim_{x \\to 0} \\frac{\\sin x}{x} = 1$.", False, "holdout"),
+    C("12", "Area $= 3 \\times 4$, which gives $12$ square units.", True, "holdout"),
+    C("4", "Area $= 3 \\times 4$, which gives $12$ square units.", False, "holdout"),
+    C("0.5", "The probability is 1/2 or $50\\%$.", False, "policy-percent"),  # percent never rescaled
+    C("2", "It costs $\\$2$ per apple and she buys $3$ apples.", False, "holdout"),
+    C("y = \\frac{3}{2}x - 1", "The slope is $m = \\frac{3}{2}$ and the intercept is $b = -1$, so $y = \\frac32 x - 1$.", True, "holdout"),
+    C("9", "The sum of the digits of $123$ is $1+2+3 = 6$.", False, "holdout"),
 ]
 
 assert len(FREEFORM_CASES) >= 250, len(FREEFORM_CASES)
