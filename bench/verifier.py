@@ -243,12 +243,22 @@ def _fast_path_share(rows: list[Row]) -> str:
     from stillhouse.tasks.verify.equivalence import quick_verdict, normalize_answer
     from stillhouse.tasks.verify.extract import extract_answer
 
+    try:  # references are read the way score_samples reads them (issue 17)
+        from stillhouse.tasks.verify.extract import extract_reference
+
+        def reference_answer(ref: str) -> str | None:
+            return extract_reference(ref).answer
+    except ImportError:  # a verifier from before issue 17 compares references as written
+        def reference_answer(ref: str) -> str | None:
+            return ref
+
     slow = []
     for r in rows:
         ext = extract_answer(r.response)
-        if ext.answer is None:
+        ref = reference_answer(r.reference)
+        if ext.answer is None or ref is None:
             continue
-        key = (normalize_answer(ext.answer), normalize_answer(r.reference))
+        key = (normalize_answer(ext.answer), normalize_answer(ref))
         if quick_verdict(*key) is None:
             slow.append(key)
     return (f"fast path decides {len(rows) - len(slow)} rows; Math-Verify needed for {len(slow)} "

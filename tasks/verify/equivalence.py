@@ -21,7 +21,7 @@ from functools import lru_cache
 from typing import Any
 
 from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, unwrap_boxed
-from stillhouse.tasks.verify.numbers import numbers_equal, plain_number
+from stillhouse.tasks.verify.numbers import decimal_comma_value, numbers_equal, plain_number, trailing_unit
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,12 @@ _OUTER_MATH = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 _PERCENT_SUFFIX = re.compile(r"(?:\s*(?:\\%|%|\\text\{\s*\\?%\s*\})|\s+percent)$", re.IGNORECASE)
 
 
+# Thousands separators between digit groups inside math: "10,\!455", "70{,}000", "1\,234".
+_DIGIT_GROUP_SEP = re.compile(r"(?<=\d)(?:,\\!\s*|\{,\}|\{,\s\}|\\,|\\!)(?=\d{3}(?!\d))")
+# An answer that is all one text group: "\text{Evelyn}", "\mathrm{E}", "\textbf{odd}".
+_WHOLE_TEXT = re.compile(r"\\(?:text|textbf|textnormal|textit|mathrm|mbox)\s*\{([^{}\\$]*)\}")
+_CHOICE = re.compile(r"\(\s*([A-Za-z])\s*\)")  # "(C)" is the choice C
+_WORD = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![A-Za-z])\s*")
 # TeX reads "\frac12" as \frac{1}{2} and "\sqrt2" as \sqrt{2}: one-character arguments.
 _SHORT_ARGS = re.compile(r"\\(d?frac|sqrt)\s*(\d)(\d)?")
@@ -70,7 +76,14 @@ def normalize_answer(answer: str) -> str:
         s = _PERCENT_SUFFIX.sub("", s).strip()
         if s == before:
             break
-    s = s.replace("\u2212", "-").replace("\\!", "")
+    s = _DIGIT_GROUP_SEP.sub("", s)
+    s = s.replace("\u2212", "-").replace("\\!", "").replace("\\cfrac", "\\frac")
+    m = _WHOLE_TEXT.fullmatch(s)
+    if m:  # policy: \text{E} is the bare E, \text{13} the number 13 (docs/verifier.md)
+        s = m.group(1).strip()
+    m = _CHOICE.fullmatch(s)
+    if m:
+        s = m.group(1)
     s = _SIZING.sub("", s)  # \left( -> (
     s = _SHORT_ARGS.sub(_brace_short_args, s)  # \frac12 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -168,6 +181,23 @@ def _sequences_equal(a: tuple[str, tuple], b: tuple[str, tuple]) -> bool | None:
     )
 
 
+def _words_verdict(pred: str, ref: str) -> bool | None:
+    """Text answers (normalised: \\text{} already unwrapped). Single letters are symbols or choices
+    and compare case-sensitively (E is not e); words of three or more letters ("Even", "odd",
+    "Monday") compare case-insensitively. None when this is not a text answer.
+
+    >>> _words_verdict("Even", "even"), _words_verdict("E", "e"), _words_verdict("x+1", "x")
+    (True, False, None)
+    """
+    if not (_WORD.fullmatch(pred) and _WORD.fullmatch(ref)):
+        return None
+    if len(pred) <= 2 or len(ref) <= 2:
+        # Symbols and choices; "ab" vs "ba" could be a product, but also the segments AB and BA:
+        # not sure, so not equal (a miss rather than a false positive).
+        return pred == ref
+    return pred.lower() == ref.lower()
+
+
 def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
     """Decide without sympy when possible (both arguments normalised). None = needs Math-Verify."""
     if not ref:
@@ -182,7 +212,15 @@ def quick_verdict(pred: str, ref: str) -> tuple[bool, str | None] | None:
         return True, None  # (not for commas: "1, 234" is a list, "1,234" a number)
     a, b = plain_number(pred), plain_number(ref)
     if a is not None and b is not None:
+        units = trailing_unit(pred), trailing_unit(ref)
+        if None not in units and units[0] != units[1]:
+            return False, None  # policy: "5 cm" does not answer "5 m" (docs/verifier.md)
         return numbers_equal(a, b), None
+    words = _words_verdict(pred, ref)
+    if words is not None:
+        return words, None
+    if b is not None and (comma := decimal_comma_value(pred, ref)) is not None:
+        return numbers_equal((comma, True), b), None  # "2,5" answers 2.5 (docs/verifier.md)
     # Tuples, intervals and sets of plain numbers, and a number against a set ("find all": a
     # partial answer 1 for {1, 2} is wrong; 1 for {1} is right).
     sa = ("set", (a,)) if a is not None else plain_sequence(pred)
@@ -343,7 +381,21 @@ def _magnitudes_agree(gold: Sequence[Any], pred: Sequence[Any]) -> bool:
         return True
 
 
+_APPROX = re.compile(r"\\approx|≈")
+
+
 def _symbolic_match(pred: str, ref: str, timeout_s: float | None) -> tuple[bool, str | None]:
+    if _APPROX.search(pred) and len(pred) <= MAX_ANSWER_CHARS:
+        # Policy: "\frac{70}{9} \approx 7.78" answers both 70/9 and 7.78: one side must match.
+        parts = [p.strip() for p in _APPROX.split(pred) if p.strip()]
+        errors = []
+        for part in parts[:4]:
+            quick = quick_verdict(part, ref)
+            ok, err = quick if quick is not None else _symbolic_match(part, ref, timeout_s)
+            if ok:
+                return True, None
+            errors.append(err)
+        return False, next((e for e in errors if e), None)
     for side, text in (("answer", pred), ("reference", ref)):
         problem = _pathology(text)
         if problem:

@@ -72,6 +72,25 @@ def _strip_units(s: str) -> str:
     return s
 
 
+def trailing_unit(answer: str) -> str | None:
+    """The unit word at the end of an answer, folded for comparison ("5 \\text{ Meters}" -> "meter"),
+    or None. Same grammar as the fast path's unit stripping; degrees are not a unit here.
+
+    >>> trailing_unit("5 \\\\text{ cm}"), trailing_unit("12 apples"), trailing_unit("5")
+    ('cm', 'apple', None)
+    """
+    s = _DEGREES.sub("", answer.strip())
+    m = _TEXT_UNIT.search(s)
+    word = m.group(1) if m and not any(w.lower() in _VALUE_WORDS for w in m.group(1).split()) else None
+    if word is None:
+        m = _WORD_UNIT.search(s)
+        word = m.group(1) if m and m.group(1).lower() not in _VALUE_WORDS else None
+    if word is None:
+        return None
+    word = word.lower().replace(" ", "").rstrip(".")
+    return word[:-1] if word.endswith("s") and len(word) > 3 else word
+
+
 def plain_number(answer: str) -> tuple[Fraction, bool] | None:
     """(exact value, written_as_decimal) if a normalised answer is a plain number, else None."""
     s = _strip_units(answer)
@@ -169,9 +188,37 @@ def plain_number_text(text: str) -> str | None:
     return None
 
 
+# --------------------------------------------------------------------------- decimal comma
+
+_DECIMAL_COMMA = re.compile(r"[-+]?\d+,\d+")
+_THOUSANDS_GROUPS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
+_POINT_DECIMAL = re.compile(r"[-+]?\d*\.\d+")
+
+
+def decimal_comma_value(answer: str, reference: str) -> Fraction | None:
+    """The value of an answer written with a decimal comma ("2,5", "1000,99"), read that way only
+    when the reference is a single decimal written with a point and the answer's comma cannot be a
+    thousands separator (docs/verifier.md). None otherwise.
+
+    >>> decimal_comma_value("2,5", "2.5")
+    Fraction(5, 2)
+    >>> decimal_comma_value("1,234", "1.234") is None  # thousands separator: 1234
+    True
+    """
+    if not (_DECIMAL_COMMA.fullmatch(answer) and _POINT_DECIMAL.fullmatch(reference)):
+        return None
+    if _THOUSANDS_GROUPS.fullmatch(answer):
+        return None
+    return Fraction(answer.replace(",", "."))
+
+
 # --------------------------------------------------------------------------- free text
 
 
 # A number as people write it: 1,234.5 | -3 | 0.25 | 3/4 | .5 (unicode minus too). Not inside a
 # word or identifier (x2, v1.5), hence the look-behind.
-NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)")
+# A comma followed by one or two digits ("1000,99") is a decimal comma (docs/verifier.md); the
+# comparison decides whether that reading is taken.
+NUMBER_IN_TEXT = re.compile(
+    r"(?<![\w.])[-−]?(?:\d{1,3}(?:,\d{3})+|\d+(?:,\d{1,2}(?![\d,]))?)?(?:\.\d+|(?<=\d))(?:/\d+)?(?!\w)"
+)

@@ -2,7 +2,9 @@
 
 Pipeline per sample (score_samples):
 
-1. extract   stillhouse.tasks.verify.extract.extract_answer finds the final answer (boxed, ####, ...).
+1. extract   stillhouse.tasks.verify.extract.extract_answer finds the final answer (boxed, ####, ...,
+             else the last math span or plain number); extract_reference reads the reference (its
+             last box when it is a solution text). Policies: docs/verifier.md.
 2. fast path In the calling process: normalise both answers; identical strings, or two plain
              numbers ("1,234", "$5.00", "50%", "1/2", "-3", "\\frac{3}{4}"), are decided exactly
              with fractions.Fraction. This settles almost every GSM8K sample without sympy.
@@ -52,7 +54,7 @@ from stillhouse.tasks.verify.equivalence import (
     answers_match,
     normalize_answer,
 )
-from stillhouse.tasks.verify.extract import Extraction, extract_answer
+from stillhouse.tasks.verify.extract import Extraction, extract_answer, extract_reference
 from stillhouse.tasks.verify.pool import _prestart_workers_context, _run_pool
 
 __all__ = [
@@ -143,6 +145,7 @@ def score_samples(
     pairs: list[tuple[str, str]] = []  # distinct (answer, reference) for Math-Verify
     owners: list[list[int]] = []  # owners[k]: the items that share pairs[k]
     index: dict[tuple[str, str], int] = {}
+    ref_cache: dict[str, str | tuple[str]] = {}  # the N samples of a problem share its reference
     for i, item in enumerate(items):
         pair = _as_pair(item)
         if isinstance(pair, str):
@@ -153,7 +156,11 @@ def score_samples(
         if ext.answer is None:
             results[i] = VerifyResult(None, False, ext.format_ok, ext.error, ext.method)
             continue
-        key = (normalize_answer(ext.answer), normalize_answer(reference))
+        ref = _reference_answer(reference, ref_cache)
+        if isinstance(ref, tuple):  # the reference has no usable answer
+            results[i] = VerifyResult(ext.answer, False, ext.format_ok, ref[0], ext.method)
+            continue
+        key = (normalize_answer(ext.answer), ref)
         quick = quick_verdict(*key)
         if quick is not None:
             results[i] = VerifyResult(ext.answer, quick[0], ext.format_ok, quick[1], ext.method)
@@ -172,6 +179,18 @@ def score_samples(
             ext = extractions[i]
             results[i] = VerifyResult(ext.answer, ok, ext.format_ok, err, ext.method)
     return results  # type: ignore[return-value]  # every slot is filled
+
+
+def _reference_answer(reference: str, cache: dict[str, str | tuple[str]]) -> str | tuple[str]:
+    """The normalised answer of a reference (its box if it is a solution text, see
+    extract_reference), or (error message,) when it has none."""
+    if reference not in cache:
+        ext = extract_reference(reference)
+        if ext.answer is None:
+            cache[reference] = (ext.error or "empty reference",)
+        else:
+            cache[reference] = normalize_answer(ext.answer)
+    return cache[reference]
 
 
 def _check_symbolic(
