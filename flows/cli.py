@@ -88,6 +88,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    import time
+
+    from stillhouse.tasks.experiment.report import markdown_table
+
+    _prefect_env()
+    from stillhouse.flows.experiment import run_experiment
+
+    started = time.monotonic()
+    out = run_experiment(args.config, args.workdir)
+    print(markdown_table(out["summary"]))
+    print(f"time:       {time.monotonic() - started:.1f}s wall")
+    print(f"experiment: {Path(out['json']).resolve()}")
+    print(f"report:     {Path(out['html']).resolve()}")
+    return 0
+
+
 def _open_catalog(workdir: str):
     from stillhouse.storage.catalog import Catalog
 
@@ -334,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="Run directory (overrides the config's).")
     p.add_argument("--rounds", type=int, default=None, help="Total rounds (overrides the config's).")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "experiment",
+        help="Run (or continue) an experiment: arms x seeds of a config, compared with a control arm.",
+    )
+    p.add_argument("config", help="Experiment YAML (see configs/experiments/).")
+    p.add_argument("--workdir", default=None, help="Experiment directory (overrides the file's).")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("status", help="Rounds, versions and steps of a run directory.")
     p.add_argument("workdir")

@@ -272,6 +272,14 @@ class TrainingConfig(_Section):
     schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR schedule.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     epochs: float = Field(1.0, gt=0, description="Passes over the round's dataset.")
+    max_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Train exactly this many optimizer steps, cycling the round's dataset (in "
+        "fresh seeded orders) as often as needed; `epochs` is then ignored. Holds the training "
+        "budget equal across runs whose datasets differ in size, e.g. experiment arms where "
+        "group_advantage drops zero-weight groups and rft drops wrong samples.",
+    )
     batch_size: int = Field(8, ge=1, description="Samples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     gradient_checkpointing: bool = Field(
@@ -315,7 +323,9 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(512, ge=1, description="Generation cap for the student.")
     batch_size: int = Field(16, ge=1, description="Sequences per generate call.")
     pool_k: int = Field(
-        4, ge=1, description="Samples per training-pool problem for the student's pass rate."
+        4, ge=0, description="Samples per training-pool problem for the student's pass rate. "
+        "0 = no pass rates and so no easy/hard split: only for runs without synthesis (one round, "
+        "or synthesis disabled), where the split feeds nothing; saves the pool's generation."
     )
     pool_temperature: float = Field(0.7, ge=0, description="Temperature of the pass-rate samples.")
     pool_top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass of the pass-rate samples.")
@@ -423,6 +433,15 @@ class RunConfig(_Section):
         "runs/stillhouse", description="Run directory: catalog, Parquet intermediates, adapters."
     )
     rounds: int = Field(3, ge=1, description="Number of rounds (round 0 = seed problems).")
+    cache_dir: str | None = Field(
+        None,
+        description="Folder of the content-addressed step outputs (teacher and student generations, "
+        "verified and weighted samples, evaluations); None = <workdir>/cache. Runs may share one: "
+        "every entry is keyed by everything that shaped it, so a run finds the work another run "
+        "already did with identical inputs (`stillhouse experiment` gives its arms one cache, "
+        "so the teacher samples once per seed, not once per arm). Not for runs writing at the "
+        "same time.",
+    )
     problems: list[SourceConfig] = Field(
         ..., min_length=1, description="Where the seed pool and the eval sets come from."
     )
@@ -440,6 +459,13 @@ class RunConfig(_Section):
     catalog: CatalogConfig = Field(
         default_factory=CatalogConfig, description="Where the versioned datasets (DuckLake) live."
     )
+
+    @model_validator(mode="after")
+    def _split_feeds_synthesis(self) -> RunConfig:
+        if self.evaluation.pool_k == 0 and self.synthesis.enabled and self.rounds > 1:
+            raise ValueError("evaluation.pool_k: 0 gives no easy/hard split, which synthesis needs; "
+                             "set synthesis.enabled: false or pool_k >= 1")
+        return self
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """The JSON form of the named sections: what a cached step's key is built from."""

@@ -50,7 +50,7 @@ class StepResult:
 
 
 def cache_dir(cfg: RunConfig) -> Path:
-    return Path(cfg.workdir) / "cache"
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.workdir) / "cache"
 
 
 def open_catalog(cfg: RunConfig, read_only: bool = False) -> Catalog:
@@ -333,7 +333,8 @@ def evaluate_base(cfg: RunConfig, progress: Progress | None = None) -> StepResul
             cat.add_eval_results(table)
     summary = parquet_io.read_manifest(out)["meta"]["summary"]
     return StepResult("evaluate-base", key, str(out), computed,
-                      metrics={**_accuracy_metrics(summary), "model_seconds": model_seconds})
+                      metrics={**_accuracy_metrics(summary), "student_key": key[:32],
+                               "model_seconds": model_seconds})
 
 
 def _accuracy_metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -362,6 +363,8 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, base: StepResult |
     with `base`, the share of eval answers identical to the untrained student's."""
     with open_catalog(cfg, read_only=True) as cat:
         pool, evals = pool_and_eval(cat, round)
+    if cfg.evaluation.pool_k == 0:
+        pool = []  # no pass rates asked for (the config allows it only where nothing splits)
     key = parquet_io.content_hash(
         {"adapter": trained.key, "pool": [p.id for p in pool], "eval": [p.id for p in evals],
          **cfg.section_dict("evaluation", "verifier", "prompts")}
@@ -383,7 +386,8 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, base: StepResult |
     result = StepResult(
         "evaluate", key, str(out), computed,
         metrics={**_accuracy_metrics(summary),
-                 "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "model_seconds": model_seconds},
+                 "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "student_key": key[:32],
+                 "model_seconds": model_seconds},
     )
     if base is not None:
         same = same_answers_as_base(result, base)

@@ -105,18 +105,21 @@ def encode_examples(tokenizer, examples: Sequence[TrainExample], max_length: int
     return enc
 
 
-def plan_micro_batches(lengths: Sequence[int], batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+def plan_micro_batches(lengths: Sequence[int], batch_size: int, epochs: float, seed: int,
+                       micro_batches: int | None = None) -> list[list[int]]:
     """The whole run's micro-batches (lists of sample indices), a pure function of its arguments.
 
     Per epoch: a seeded shuffle; windows of `_MEGA_BATCHES` micro-batches are sorted by length and
     cut into micro-batches (similar lengths, little padding); the micro-batch order is shuffled.
     `epochs` may be fractional: round(epochs * batches_per_epoch) micro-batches in all (>= 1).
+    `micro_batches` fixes the count instead (a step budget): epochs follow one another, each in
+    its own seeded order, until it is reached.
     """
     n = len(lengths)
     if n == 0:
         return []
     per_epoch = math.ceil(n / batch_size)
-    total = max(1, round(epochs * per_epoch))
+    total = micro_batches if micro_batches is not None else max(1, round(epochs * per_epoch))
     window = batch_size * _MEGA_BATCHES
     plan: list[list[int]] = []
     epoch = 0

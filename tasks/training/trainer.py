@@ -16,7 +16,8 @@ What it does, in order:
    (counted); one whose cut would leave no completion token is skipped (counted).
 3. A deterministic plan of micro-batches: per epoch a seeded shuffle, length-grouped within
    mega-batches of 16 micro-batches (little padding), micro-batch order shuffled again. Fractional
-   epochs take the first part of the last epoch. Right padding.
+   epochs take the first part of the last epoch; `cfg.max_steps` instead fixes the number of optimizer
+   steps, epochs following one another until it is reached. Right padding.
 4. Own loop: AdamW on the LoRA parameters, transformers' warmup + constant/linear/cosine schedule,
    gradient accumulation (each micro-batch's loss is normalised by the whole optimizer step's
    number of samples or completion tokens, `cfg.loss_normalizer`, never by its weights, so k
@@ -276,7 +277,8 @@ def train_lora(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
-    plan = plan_micro_batches([len(s) for s in enc.input_ids], cfg.batch_size, cfg.epochs, cfg.seed)
+    budget = cfg.max_steps * cfg.grad_accum if cfg.max_steps else None
+    plan = plan_micro_batches([len(s) for s in enc.input_ids], cfg.batch_size, cfg.epochs, cfg.seed, budget)
     total_steps = math.ceil(len(plan) / cfg.grad_accum)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
