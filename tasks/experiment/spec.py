@@ -55,6 +55,12 @@ class ExperimentConfig(BaseModel):
         description="Changes to the base config for every arm (applied before the arm's own), "
         "e.g. a larger eval set or fewer rounds.",
     )
+    cache_dir: str | None = Field(
+        None,
+        description="The cache every run of the experiment shares; None = <workdir>/cache. "
+        "Point two experiments with the same teacher, problems and sampling at one folder and the "
+        "second finds the first's teacher samples (run them one after the other, not at once).",
+    )
     seeds: list[int] = Field(
         [0], min_length=1, description="Replications: each seed reruns every arm with its own "
         "teacher samples and training seed."
@@ -169,7 +175,7 @@ class Experiment:
 
     @property
     def cache_dir(self) -> Path:
-        return self.workdir / "cache"
+        return Path(self.config.cache_dir) if self.config.cache_dir else self.workdir / "cache"
 
     def run_dir(self, arm: str, seed: int) -> Path:
         return self.workdir / "arms" / arm / f"seed-{seed}"
@@ -209,5 +215,7 @@ def load_experiment(path: str | Path, workdir: str | None = None) -> Experiment:
     base_path = (path.parent / config.base).resolve()
     try:
         return Experiment(config, _read_yaml(base_path), origin=str(path))
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(f"experiment {path}: {err}") from None

@@ -38,19 +38,6 @@ def harness(tmp_path_factory):
         yield
 
 
-@pytest.fixture(scope="module")
-def models_dir(prepared_models_dir, tutor_dir):
-    # The smoke config's models (tiny-tutor, shared with the tutor tests) are prepared here once.
-    path = prepared_models_dir
-    old = os.environ.get("STILLHOUSE_MODELS_DIR")
-    os.environ["STILLHOUSE_MODELS_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("STILLHOUSE_MODELS_DIR", None)
-    else:
-        os.environ["STILLHOUSE_MODELS_DIR"] = old
-
-
 class ModelWork:
     """Counts real generate calls and real training runs."""
 

@@ -369,3 +369,13 @@ def test_gradient_checkpointing_recomputes_layers_and_trains_the_same(tiny_model
                           torch.tensor([v for _, v in plain.loss_curve]), atol=1e-5)
     a, b = _adapter_tensors(tmp_path / "plain" / "adapter"), _adapter_tensors(tmp_path / "ckpt" / "adapter")
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("weights", [[1.0] * 5, [1.0, 1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.0, 1.0]])
+def test_max_steps_fixes_the_optimizer_steps_whatever_the_dataset_size(tiny_model_dir, tok, tmp_path, weights):
+    # The experiment's equal budget: 6 steps of 2 x 4 samples for 2, 4 or 5 trainable samples (the
+    # zero weights are dropped, as group_advantage drops zero-weight groups), where epochs=1 would
+    # give 1 step each.
+    res = train_lora(tiny_model_dir, _examples(tok, weights), tmp_path / "run", _cfg(max_steps=6, grad_accum=2), _lora())
+    assert res.steps == 6 and len(res.loss_curve) == 6
+    assert res.samples_used == sum(w != 0 for w in weights)

@@ -187,3 +187,17 @@ def test_bf16_logits_computed_in_float32():
     a = weighted_completion_loss(logits.bfloat16(), labels, torch.ones(B))
     assert a.dtype == torch.float32
     assert a.item() == pytest.approx(weighted_completion_loss(logits, labels, torch.ones(B)).item(), rel=2e-2)
+
+
+def test_a_micro_batch_budget_cycles_fresh_epochs():
+    from stillhouse.tasks.training.data import plan_micro_batches
+
+    lengths = [5, 9, 3, 7, 2, 8, 6]
+    plan = plan_micro_batches(lengths, batch_size=3, epochs=1.0, seed=1, micro_batches=8)
+    assert len(plan) == 8
+    # Epoch by epoch (3 micro-batches each): every sample exactly once per epoch.
+    for e in range(2):
+        assert sorted(i for b in plan[3 * e: 3 * e + 3] for i in b) == list(range(7))
+    assert plan[:3] == plan_micro_batches(lengths, 3, 1.0, 1)  # the budget's first epoch is epoch 1
+    assert plan[:3] != plan[3:6]  # each epoch in its own order
+    assert plan == plan_micro_batches(lengths, 3, 5.0, 1, micro_batches=8)  # epochs ignored
