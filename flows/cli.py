@@ -55,6 +55,9 @@ def _prefect_env() -> None:
 
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The ephemeral server gets 20 s to start by default; on a machine busy with model work (or a
+    # loaded CI box) it can need more, and a run that dies before its first step helps nobody.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

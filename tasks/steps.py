@@ -121,6 +121,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     return StepResult(
         "sample", out.name, str(out), computed=teacher.generated > 0,
         metrics={"pool": len(pool), "samples": len(completions), "generated": teacher.generated,
+                 "teacher_call": out.name,
                  "completion_tokens": tokens, "model_seconds": teacher.model_seconds},
     )
 

@@ -23,13 +23,20 @@ def _p(p: float) -> str:
     return f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
 
 
+def _mcnemar(vs: dict[str, Any]) -> str:
+    ps = vs["mcnemar_p_per_seed"]
+    if len(ps) == 1:
+        return _p(ps[0])
+    return f"{_p(min(ps))}–{_p(max(ps))} ({len(ps)} seeds)"
+
+
 def markdown_table(summary: dict[str, Any]) -> str:
     """One row per arm: accuracy per eval set and overall (95% CI), the paired difference to the
     control with its CI, McNemar p and minimum detectable effect, and the training it got."""
     sets = list(summary["eval_sets"])
     control = summary["control"]
     head = (["arm"] + [f"{s} (n={summary['eval_sets'][s]})" for s in sets]
-            + [f"Δ overall vs {control} [95% CI]", "McNemar p", "better / worse", "MDE (80%)",
+            + [f"Δ overall vs {control} [95% CI]", "significant", "McNemar p", "better / worse", "MDE (80%)",
                "train steps", "samples trained"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for arm in summary["arms"]:
@@ -39,10 +46,10 @@ def markdown_table(summary: dict[str, Any]) -> str:
         cells += [_ci(acc[s]) if s in acc else "-" for s in sets]
         vs = summary["vs_control"].get(name, {}).get(OVERALL)
         if vs:
-            cells += [_ci(vs, signed=True), _p(vs["mcnemar_p"]), f"{vs['arm_better']} / {vs['arm_worse']}",
-                      f"{vs['mde80']:.3f}"]
+            cells += [_ci(vs, signed=True), "yes" if vs["significant"] else "no", _mcnemar(vs),
+                      f"{vs['arm_better']} / {vs['arm_worse']}", f"{vs['mde80']:.3f}"]
         else:
-            cells += ["(control)" if name == control else "-", "-", "-", "-"]
+            cells += ["(control)" if name == control else "-", "-", "-", "-", "-"]
         runs = summary["runs"].get(name)
         if runs:
             steps = sorted({r["train_steps"] for r in runs.values()})
@@ -56,19 +63,23 @@ def markdown_table(summary: dict[str, Any]) -> str:
 
 def markdown(summary: dict[str, Any]) -> str:
     seeds = summary["seeds"]
-    gen = summary["teacher_generated_per_seed"]
+    gen = summary["teacher_samples_per_seed"]
+    used = {s: sum(a.values()) for s, a in summary["teacher_samples_per_arm"].items()}
     lines = [
         f"# Experiment {summary['name']}",
         "",
         f"Seeds {seeds}; control arm **{summary['control']}**; accuracies are greedy pass@1 of each "
         "arm's final student, mean over seeds and problems with a 95% bootstrap interval (seeds and "
-        "problems resampled); Δ is paired (same problems, same teacher samples per seed).",
+        "problems resampled); Δ is paired (same problems, same teacher samples per seed) and "
+        "significant when its interval excludes 0; the exact McNemar test is per seed; MDE: the "
+        "paired difference detectable with 80% power at this number of problems.",
         "",
         markdown_table(summary),
         "",
         "Arms: " + "; ".join(f"{a['name']}: {a['description'] or a['overrides']}" for a in summary["arms"]) + ".",
         "",
-        f"Teacher samples generated per seed, all arms together: {gen} (the arms share one cache). "
+        f"Teacher samples generated per seed: {gen}, for {used} used by the arms together (one "
+        "cache shared by every run). "
         f"Wall time of all runs: {summary['wall_seconds'] / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"

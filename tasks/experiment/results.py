@@ -41,8 +41,12 @@ def run_outcomes(cfg: RunConfig) -> tuple[Outcomes, Outcomes, dict[str, Any]]:
         "rounds": len(rounds),
         "wall_seconds": sum(m.get("wall_seconds", 0.0) for m in rounds),
         "model_seconds": sum(m.get("model_seconds", 0.0) for m in rounds),
-        # Samples this run's teacher generated itself (0 where another arm's were found in the cache).
+        # Samples this run's teacher generated itself in the invocation that last ran its rounds
+        # (0 where another arm's were found in the cache, or on a rerun of finished rounds).
         "teacher_generated": sum(m.get("generated", 0) for m in rounds),
+        # The teacher calls (content keys of the cached sample sets) and their sizes, per round:
+        # arms that share a call share its samples.
+        "teacher_calls": {m["teacher_call"]: m.get("samples", 0) for m in rounds if m.get("teacher_call")},
         "teacher_samples": sum(m.get("samples", 0) for m in rounds),
         "train_steps": sum(m.get("steps") or 0 for m in rounds),
         "train_samples_used": sum(m.get("samples_used") or 0 for m in rounds),
@@ -88,7 +92,12 @@ def summarize(exp: Experiment, finals: dict[tuple[str, int], Outcomes], bases: d
         for arm in arms if arm != c.control
     }
     runs = {arm: {str(s): costs[(arm, s)] for s in c.seeds} for arm in c.arms}
-    generated = {str(s): sum(costs[(arm, s)]["teacher_generated"] for arm in c.arms) for s in c.seeds}
+    # What the teacher had to generate per seed: the distinct sample sets its arms used (an arm that
+    # found another's in the shared cache adds nothing). Read from the runs' records, so it is the
+    # same whether the experiment ran in one go or was killed and rerun.
+    needed = {str(s): sum({k: n for arm in c.arms for k, n in costs[(arm, s)]["teacher_calls"].items()}.values())
+              for s in c.seeds}
+    per_arm = {str(s): {arm: sum(costs[(arm, s)]["teacher_calls"].values()) for arm in c.arms} for s in c.seeds}
     return {
         "name": c.name,
         "control": c.control,
@@ -101,9 +110,11 @@ def summarize(exp: Experiment, finals: dict[tuple[str, int], Outcomes], bases: d
         "accuracy": accuracy,
         "vs_control": versus,
         "runs": runs,
-        # Teacher samples generated per seed summed over every arm's run: with a shared cache this
-        # is one arm's worth (the others found them), without it arms x one arm's worth.
-        "teacher_generated_per_seed": generated,
+        # Teacher samples per seed: what the arms needed together (distinct sample sets) and what
+        # each arm used; with a shared cache and identical teacher inputs the first equals one
+        # arm's worth, without sharing it would be the sum of the second.
+        "teacher_samples_per_seed": needed,
+        "teacher_samples_per_arm": per_arm,
         "wall_seconds": sum(r["wall_seconds"] for arm in runs.values() for r in arm.values()),
     }
 

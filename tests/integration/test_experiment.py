@@ -71,7 +71,8 @@ def test_arms_share_the_teachers_samples(smoke):
     # Teacher generations: one arm's worth per seed, not arms x that.
     assert generated["teacher"] == per_arm * len(c.seeds)
     summary = out["summary"]
-    assert summary["teacher_generated_per_seed"] == {str(s): per_arm for s in c.seeds}
+    assert summary["teacher_samples_per_seed"] == {str(s): per_arm for s in c.seeds}
+    assert summary["teacher_samples_per_arm"] == {str(s): {a: per_arm for a in c.arms} for s in c.seeds}
     for seed in c.seeds:
         firsts = [summary["runs"][arm][str(seed)]["teacher_generated"] for arm in c.arms]
         assert sorted(firsts) == [0] * (len(c.arms) - 1) + [per_arm]  # the first arm paid, the rest found it
@@ -116,7 +117,9 @@ def test_experiment_json_has_the_promised_fields(smoke):
         d = per_set["overall"]
         assert d["mean"] == pytest.approx(on_disk["accuracy"][arm]["overall"]["mean"]
                                           - on_disk["accuracy"]["uniform"]["overall"]["mean"])
-        assert 0.0 <= d["mcnemar_p"] <= 1.0 and d["mde80"] > 0
+        assert len(d["mcnemar_p_per_seed"]) == len(c.seeds) and d["mcnemar_p"] is None
+        assert all(0.0 <= p <= 1.0 for p in d["mcnemar_p_per_seed"]) and d["mde80"] > 0
+        assert d["significant"] == (d["ci95"][0] > 0 or d["ci95"][1] < 0)
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
         assert d["arm_better"] + d["arm_worse"] <= len(c.seeds) * n_eval
 
@@ -181,7 +184,8 @@ def test_sigkill_then_rerun_finishes_with_the_same_numbers(smoke, models_dir, tm
     assert proc.wait(timeout=900) == 0, _tail(log)
     got = json.loads((workdir / "experiment.json").read_text())
     want = out["summary"]
-    for field in ("arms", "eval_sets", "accuracy", "vs_control", "teacher_generated_per_seed"):
+    for field in ("arms", "eval_sets", "accuracy", "vs_control", "teacher_samples_per_seed",
+                  "teacher_samples_per_arm"):
         assert got[field] == json.loads(json.dumps(want[field])), field
     steps = lambda s: {a: {k: r["train_steps"] for k, r in v.items()} for a, v in s["runs"].items()}  # noqa: E731
     assert steps(got) == steps(want)

@@ -68,7 +68,8 @@ def test_identical_arms_differ_by_exactly_zero():
     m = rng.random((2, 50)) < 0.5
     d = paired_difference(m, m, samples=1000)
     assert d["mean"] == 0.0 and d["ci95"] == [0.0, 0.0]
-    assert d["mcnemar_p"] == 1.0 and d["arm_better"] == d["arm_worse"] == 0
+    assert d["mcnemar_p"] is None and d["mcnemar_p_per_seed"] == [1.0, 1.0]  # 2 seeds: per seed only
+    assert d["arm_better"] == d["arm_worse"] == 0 and not d["significant"]
     assert d["mde80"] > 0  # no spread observed is not a design that detects everything
 
 
@@ -80,7 +81,7 @@ def test_paired_difference_counts_and_sign():
     assert d["mean"] == pytest.approx(6 / 30)
     assert (d["arm_better"], d["arm_worse"]) == (6, 0)
     assert d["mcnemar_p"] == pytest.approx(2 / 2**6)
-    assert d["ci95"][0] > 0  # every resample keeps the arm ahead or level; the mean of 6/30 is > 0
+    assert d["ci95"][0] > 0 and d["significant"]
     flipped = paired_difference(control, arm, samples=2000)
     assert flipped["mean"] == pytest.approx(-d["mean"])
     assert flipped["mcnemar_p"] == d["mcnemar_p"]
@@ -120,3 +121,14 @@ def test_shapes_must_match_and_be_non_empty():
         paired_difference(np.ones((1, 3)), np.ones((1, 4)))
     with pytest.raises(ValueError, match="non-empty"):
         accuracy_interval(np.ones((1, 0)))
+
+
+def test_mcnemar_is_per_seed_and_does_not_pool_repeated_cells():
+    # The same pair of students listed under 3 seeds: pooling the cells would test 3x the evidence.
+    control = np.zeros((1, 40), dtype=bool)
+    arm = control.copy()
+    arm[0, :5] = True
+    one = paired_difference(arm, control, samples=500)
+    three = paired_difference(np.repeat(arm, 3, axis=0), np.repeat(control, 3, axis=0), samples=500)
+    assert three["mcnemar_p_per_seed"] == [one["mcnemar_p"]] * 3
+    assert three["mcnemar_p"] is None
