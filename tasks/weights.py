@@ -11,12 +11,15 @@ answers). Its loss weight comes from the group of N samples the teacher drew for
 
 Invariant, whatever the settings: under group_advantage a wrong answer never gets a positive weight
 and a correct answer never a negative one (the sign comes from correctness; rewards only size it).
-Negative weights are then kept, clipped to 0 or floored (`negatives`); the result is exactly what
-the round's version stores and the trainer uses.
+Negative weights are then clipped to 0 (the default), kept or floored (`negatives`); the result is
+exactly what the round's version stores and the trainer uses.
 
 >>> from stillhouse.tasks.config import WeightingConfig
 >>> res = compute_weights(["p"] * 4, [1.1, 1.1, 0.0, 0.0], [True, True, False, False], WeightingConfig())
 >>> [round(w, 3) for w in res.weights]
+[1.0, 1.0, 0.0, 0.0]
+>>> floored = WeightingConfig(negatives="floor")
+>>> [round(w, 3) for w in compute_weights(["p"] * 4, [1.1, 1.1, 0.0, 0.0], [True, True, False, False], floored).weights]
 [1.0, 1.0, -1.0, -1.0]
 """
 

@@ -37,7 +37,7 @@ def test_one_correct_of_four():
 def test_sample_std_option():
     # ddof=1: std = sqrt(0.75/3) = 0.5 -> advantages 1.5 and -0.5
     res = compute_weights(["p"] * 4, [1, 0, 0, 0], [True, False, False, False],
-                          WeightingConfig(std="sample", eps=EPS))
+                          WeightingConfig(std="sample", eps=EPS, negatives="floor"))
     assert res.weights == pytest.approx([1.5, -0.5, -0.5, -0.5])
 
 
@@ -45,7 +45,7 @@ def test_equal_rewards_give_zero_weight_and_are_counted():
     keys = ["a"] * 3 + ["b"] * 3 + ["c"] * 2
     rewards = [1, 1, 1, 0, 0, 0, 1, 0]
     correct = [r == 1 for r in rewards]
-    res = compute_weights(keys, rewards, correct, WeightingConfig(eps=EPS))
+    res = compute_weights(keys, rewards, correct, WeightingConfig(eps=EPS, negatives="floor"))
     assert res.weights[:6] == [0.0] * 6
     assert res.weights[6:] == pytest.approx([1.0, -1.0])
     assert res.groups == 3 and res.degenerate_groups == 2
@@ -53,7 +53,7 @@ def test_equal_rewards_give_zero_weight_and_are_counted():
 
 def test_interleaved_groups_match_contiguous():
     keys = ["a", "b", "a", "b"]
-    res = compute_weights(keys, [1, 0, 0, 1], [True, False, False, True], WeightingConfig(eps=EPS))
+    res = compute_weights(keys, [1, 0, 0, 1], [True, False, False, True], WeightingConfig(eps=EPS, negatives="floor"))
     assert res.weights == pytest.approx([1.0, -1.0, -1.0, 1.0])
 
 
@@ -71,8 +71,11 @@ def test_negative_handling(negatives, floor, expected_wrong):
 
 
 def _weights(correct, formatted, reward_cfg=RewardConfig(), **weighting):
+    # Negative weights kept down to the floor unless a test says otherwise: these tests are about
+    # the advantage's sign and size, which the default (clip) would hide for wrong answers.
     rewards = [sample_reward(c, f, reward_cfg) for c, f in zip(correct, formatted)]
-    return compute_weights(["p"] * len(correct), rewards, correct, WeightingConfig(eps=EPS, **weighting))
+    cfg = WeightingConfig(eps=EPS, **{"negatives": "floor", **weighting})
+    return compute_weights(["p"] * len(correct), rewards, correct, cfg)
 
 
 def test_format_alone_is_no_preference_signal():
@@ -158,3 +161,12 @@ def test_length_mismatch_is_an_error():
 def test_empty_input():
     res = compute_weights([], [], [], WeightingConfig())
     assert res.weights == [] and res.groups == 0 and res.degenerate_groups == 0
+
+
+def test_the_default_trains_only_better_than_average_samples():
+    # Chosen by configs/experiments/advdistill-cpu.yaml: negatives clipped, so a wrong answer's
+    # weight is 0 and a rare correct answer weighs more than a common one.
+    rare = compute_weights(["p"] * 4, [1.0, 0.0, 0.0, 0.0], [True, False, False, False], WeightingConfig()).weights
+    common = compute_weights(["p"] * 4, [1.0, 1.0, 1.0, 0.0], [True, True, True, False], WeightingConfig()).weights
+    assert rare[1:] == [0.0, 0.0, 0.0] and common[3] == 0.0
+    assert rare[0] > common[0] > 0
