@@ -44,8 +44,9 @@ def check_base_url(base_url: str) -> str:
     >>> check_base_url("http://127.0.0.1:8000/v1")
     'http://127.0.0.1:8000/v1'
     """
-    netloc = urlsplit(base_url).netloc
-    if "@" in netloc:
+    # Not only the parsed netloc: an unencoded "/" in a key moves its "@" into the path.
+    before_query = base_url.split("?", 1)[0].split("#", 1)[0]
+    if "@" in urlsplit(base_url).netloc or "@" in before_query:
         raise ValueError(
             "base_url must not contain a user or password (user:key@host); put the API key in an "
             "environment variable and name it in api_key_env"
