@@ -179,13 +179,9 @@ class _LocalServer:
         self.proc = None
 
     def _healthy(self) -> bool:
-        import urllib.request
+        from stillhouse.flows.lifecycle import api_healthy
 
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return api_healthy(self.url)
 
     def start(self, timeout: float = 180.0) -> _LocalServer:
         import os
@@ -217,22 +213,13 @@ class _LocalServer:
         return self
 
     def stop(self) -> None:
-        import os
         import signal
-        import subprocess
+
+        from stillhouse.flows.lifecycle import stop_group
 
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, ((signal.SIGTERM, 30), (signal.SIGKILL, 10)))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

@@ -160,6 +160,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def api_healthy(url: str) -> bool:
+    """True if a Prefect API answers its health check at `url` (…/api)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def stop_group(proc: subprocess.Popen, waits: tuple[tuple[int | None, float], ...]) -> None:
+    """Stop a child that leads its own process group: for each (signal, seconds) send the signal
+    to the group (None: send nothing, only wait) and wait; stop at the first wait that sees it end."""
+    for sig, wait in waits:
+        if sig is not None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class RunServer:
     """Prefect's ephemeral API for one run, in a session of its own (see the module docstring)."""
 
@@ -168,13 +195,7 @@ class RunServer:
         self.url = ""
 
     def _healthy(self) -> bool:
-        import urllib.request
-
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return api_healthy(self.url)
 
     def start(self, timeout: float = 180.0) -> RunServer:
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
@@ -211,17 +232,7 @@ class RunServer:
             proc.stdin.close()  # EOF: the server shuts down gracefully (uvicorn's SIGTERM path)
         except OSError:
             pass
-        for sig, wait in ((None, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            if sig is not None:
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(proc, ((None, 10), (signal.SIGTERM, 10), (signal.SIGKILL, 10)))
 
 
 @contextmanager
