@@ -78,6 +78,10 @@ def stop_requested() -> int | None:
 def safe_point() -> None:
     """Raise RunStopped if a stop was asked for: call where stopping loses no finished work."""
     if _Stop.requested is not None:
+        if _Stop.timer is not None:
+            # Stopping now: the grace period's forced stop must not land in the unwinding (while
+            # Prefect records the crash).
+            _Stop.timer.cancel()
         raise RunStopped(_Stop.requested)
 
 
