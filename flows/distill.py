@@ -32,8 +32,8 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
 from stillhouse.flows.lifecycle import preflight, safe_point
+from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
 from stillhouse.storage.catalog import CatalogLockedError
 from stillhouse.storage.lock import RunLock
 from stillhouse.tasks import steps

@@ -100,6 +100,13 @@ def stop_signal(exc: BaseException) -> int | None:
 
 def _handler(grace_s: float):
     def handle(signum: int, frame) -> None:
+        unwinding = sys.exc_info()[1]
+        if signum == signal.SIGTERM and unwinding is not None and not isinstance(unwinding, KeyboardInterrupt) \
+                and stop_signal(unwinding) == signal.SIGTERM:
+            # Prefect re-sends SIGTERM to this handler once it has recorded the crash of its own
+            # TerminationSignal: the run is already stopping, nothing more to do or say.
+            _Stop.requested = _Stop.requested or signum
+            return
         if _Stop.requested is None:
             _Stop.requested = signum
             log.warning(
