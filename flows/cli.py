@@ -62,23 +62,40 @@ def _prefect_env() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
+    import shlex
+    import signal
+    import time
 
+    from stillhouse.flows.lifecycle import preflight, run_server, stop_on_signals, stop_signal
     from stillhouse.tasks.config import load_config
 
     cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
+    preflight(cfg)  # before Prefect starts: a missing source file or a busy workdir fails at once
     _prefect_env()
-    from stillhouse.flows.distill import run
-
-    import time
-
     started = time.monotonic()
-    history = run(cfg)
+    try:
+        # Prefect's API in a session of its own, so that Ctrl-C reaches the run and not the server
+        # (see flows/lifecycle.py); set before Prefect is imported.
+        with stop_on_signals(), run_server() as own_server:
+            from stillhouse.flows.distill import run
+
+            history = run(cfg)
+    except BaseException as exc:
+        signum = stop_signal(exc)
+        if signum is None:
+            raise
+        again = ["stillhouse", "run", args.config]
+        again += ["--workdir", args.workdir] if args.workdir else []
+        again += ["--rounds", str(args.rounds)] if args.rounds is not None else []
+        log.warning("stopped by %s; finished work is kept in %s. Resume with: %s",
+                    signal.Signals(signum).name, cfg.workdir, shlex.join(again))
+        return 128 + signum
     wall = time.monotonic() - started
     model = sum(m.get("model_seconds", 0.0) for m in history)
     from stillhouse.tasks.report import build_report
 
     md, html_path = build_report(cfg.workdir, cfg.run_name)
-    where = os.environ.get("PREFECT_API_URL") or "ephemeral server (run `stillhouse ui` for the UI)"
+    where = "ephemeral server (run `stillhouse ui` for the UI)" if own_server else os.environ["PREFECT_API_URL"]
     print(f"rounds:  {len(history)} finished")
     for m in history:
         print(f"  round {m['round']}: teacher acc {m['teacher_accuracy']:.3f}, student {m.get('student_accuracy')}, "
@@ -113,7 +130,8 @@ def _open_catalog(workdir: str):
 
     if not (Path(workdir) / "catalog").is_dir():
         raise FileNotFoundError(f"{workdir} holds no Stillhouse catalog (no catalog/ folder)")
-    return Catalog.for_workdir(workdir, read_only=True)
+    # A snapshot: reading beside a running run never holds a lock its commits need.
+    return Catalog.for_workdir(workdir, snapshot=True)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -181,13 +199,9 @@ class _LocalServer:
         self.proc = None
 
     def _healthy(self) -> bool:
-        import urllib.request
+        from stillhouse.flows.lifecycle import api_healthy
 
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except OSError:
-            return False
+        return api_healthy(self.url)
 
     def start(self, timeout: float = 180.0) -> _LocalServer:
         import os
@@ -219,22 +233,13 @@ class _LocalServer:
         return self
 
     def stop(self) -> None:
-        import os
         import signal
-        import subprocess
+
+        from stillhouse.flows.lifecycle import stop_group
 
         if self.proc is None or self.proc.poll() is not None:
             return
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, ((signal.SIGTERM, 30), (signal.SIGKILL, 10)))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:

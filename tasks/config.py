@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -162,6 +162,13 @@ class ModelConfig(_Section):
         "once) instead of one call per sample with its own seed (default: exact per-sample seeds, "
         "reproducible resume, exact per-sample usage).",
     )
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: str | None) -> str | None:
+        from stillhouse.tasks.redact import check_base_url
+
+        return None if value is None else check_base_url(value)
+
     # vLLM engine.
     vllm_python: str | None = Field(
         None, description="vllm backend: Python interpreter of the vLLM environment (.venv-vllm)."
@@ -431,6 +438,11 @@ class CatalogConfig(_Section):
     )
 
 
+# A bound, not a target: each round adds a catalog version and a trained adapter, so a number past
+# this is a typo (or `--rounds 100000000000000000000`), not a plan.
+MAX_ROUNDS = 1000
+
+
 class RunConfig(_Section):
     """Everything a multi-round distillation run needs."""
 
@@ -438,7 +450,9 @@ class RunConfig(_Section):
     workdir: str = Field(
         "runs/stillhouse", description="Run directory: catalog, Parquet intermediates, adapters."
     )
-    rounds: int = Field(3, ge=1, description="Number of rounds (round 0 = seed problems).")
+    rounds: int = Field(
+        3, ge=1, le=MAX_ROUNDS, description=f"Number of rounds (round 0 = seed problems), at most {MAX_ROUNDS}."
+    )
     cache_dir: str | None = Field(
         None,
         description="Folder of the content-addressed step outputs (teacher and student generations, "

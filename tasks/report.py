@@ -136,7 +136,8 @@ def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path
     if not history:
         raise FileNotFoundError(f"{workdir} has no finished rounds (no rounds/round-*.json)")
     samples: dict[int, dict[str, list[float]]] = {}
-    with Catalog.for_workdir(workdir, read_only=True) as cat:
+    # A snapshot: a report written beside a running run never holds a lock the run's commits need.
+    with Catalog.for_workdir(workdir, snapshot=True) as cat:
         committed = [r.round for r in cat.status().rounds if r.status == "committed"]
         for r in committed:
             t = cat.samples_for_round(r).select(["reward", "weight"])

@@ -53,9 +53,15 @@ def cache_dir(cfg: RunConfig) -> Path:
     return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.workdir) / "cache"
 
 
+# A reader beside the run (`stillhouse status`, ...) holds the catalog file for the milliseconds of
+# a snapshot copy: the run's steps wait that out, with backoff, instead of failing.
+CATALOG_LOCK_WAIT_S = 60.0
+
+
 def open_catalog(cfg: RunConfig, read_only: bool = False) -> Catalog:
     """The run's catalog: local in the workdir, or where `catalog:` puts it (PostgreSQL, object store)."""
-    return Catalog(cfg.workdir, catalog_uri=cfg.catalog.uri, data_path=cfg.catalog.data_path, read_only=read_only)
+    return Catalog(cfg.workdir, catalog_uri=cfg.catalog.uri, data_path=cfg.catalog.data_path, read_only=read_only,
+                   lock_wait_s=CATALOG_LOCK_WAIT_S)
 
 
 def _problems(table: pa.Table) -> list[Problem]:

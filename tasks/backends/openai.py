@@ -67,6 +67,7 @@ import httpx
 
 from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
 from stillhouse.tasks.backends.journal import JOURNAL_VERSION, Journal, completion_of, record_id, record_of, scope_id
+from stillhouse.tasks.redact import Redactor, check_base_url, clean_secret
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,14 @@ _INCOMPLETE = frozenset({None, "abort"})
 
 
 class OpenAIBackendError(RuntimeError):
-    """A call failed for good: not retryable, or retries exhausted. The message names the request."""
+    """A call failed for good: not retryable, or retries exhausted. The message names the request.
+
+    `transient`: the failure may go away if the whole step is tried again later (the server was
+    down, overloaded or slow), as opposed to a request the server refused."""
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def _retry_after_s(value: str | None) -> float | None:
@@ -139,7 +147,7 @@ class OpenAIBackend:
     ):
         if not base_url:
             raise ValueError("openai backend needs base_url, e.g. http://127.0.0.1:8000/v1")
-        self.base_url = base_url.rstrip("/")
+        self.base_url = check_base_url(base_url).rstrip("/")
         self.url = self.base_url + "/chat/completions"
         self.model = model
         self.journal_dir = Path(journal_dir)
@@ -149,6 +157,7 @@ class OpenAIBackend:
         self.retry_backoff_s = retry_backoff_s
         self.use_n = use_n
         self._api_key: str | None = None
+        self._redact = Redactor()
         if api_key_env:
             key = os.environ.get(api_key_env)
             if not key:
@@ -156,6 +165,16 @@ class OpenAIBackend:
                 raise ValueError(
                     f"openai backend: environment variable {api_key_env} (api_key_env) is not set"
                 )
+            # Keys mounted from files end in a newline; httpx refuses such a header and quotes it,
+            # escaped, in its error. Both the raw and the cleaned key are redacted everywhere.
+            self._redact = Redactor([key, key.strip()])
+            try:
+                key = clean_secret(key)
+            except ValueError:
+                raise ValueError(
+                    f"openai backend: the API key in {api_key_env} (api_key_env) has whitespace or "
+                    "control characters inside it"
+                ) from None
             self._api_key = key
         self._n_supported = True  # cleared when a server returns fewer choices than `n`
         self._journals: dict[str, Journal] = {}
@@ -180,11 +199,6 @@ class OpenAIBackend:
         return f"OpenAIBackend({self.base_url!r}, model={self.model!r})"
 
     # ------------------------------------------------------------------ redaction and messages
-
-    def _redact(self, text: str) -> str:
-        if self._api_key:
-            text = text.replace(self._api_key, "***")
-        return text
 
     def _body_snippet(self, resp: httpx.Response) -> str:
         try:
@@ -340,9 +354,17 @@ class OpenAIBackend:
             if isinstance(first, OpenAIBackendError):
                 have = sum(1 for r in missing if record_id(r) in results)
                 raise OpenAIBackendError(
-                    f"{first} -- {have} of {len(missing)} new completions were received before the "
-                    f"failure and are kept in the journal {journal.folder}; a rerun sends only the "
-                    f"missing ones"
+                    self._redact(
+                        f"{first} -- {have} of {len(missing)} new completions were received before "
+                        f"the failure and are kept in the journal {journal.folder}; a rerun sends "
+                        f"only the missing ones"
+                    ),
+                    transient=first.transient,
+                ) from None
+            if isinstance(first, Exception):
+                # Not ours (a bug, a client library's error): its message may quote the key.
+                raise OpenAIBackendError(
+                    f"openai backend: {type(first).__name__}: {self._redact(str(first))}"
                 ) from None
             raise first
 
@@ -394,10 +416,10 @@ class OpenAIBackend:
                         try:
                             _check_shape(data)
                         except _IncompleteReply as err:
-                            reason = str(err)
+                            reason = self._redact(str(err))
                         except _BadShape as err:
                             raise OpenAIBackendError(
-                                f"openai backend: {what}: unexpected reply from {self.url} ({err}): "
+                                f"openai backend: {what}: unexpected reply from {self.url} ({self._redact(str(err))}): "
                                 f"{self._body_snippet(resp)}"
                             ) from None
                         else:
@@ -415,13 +437,15 @@ class OpenAIBackend:
                 raise OpenAIBackendError(
                     f"openai backend: {what} failed after {attempt + 1} attempts over "
                     f"{time.monotonic() - t0:.1f}s (max_retries={self.max_retries}) at {self.url}; "
-                    f"last error: {reason}"
+                    f"last error: {reason}",
+                    transient=True,
                 )
             if retry_after is not None:
                 if retry_after > MAX_RETRY_AFTER_S:
                     raise OpenAIBackendError(
                         f"openai backend: {what}: server asked to retry after {retry_after:.0f}s, more "
-                        f"than the {MAX_RETRY_AFTER_S:.0f}s this backend waits; last error: {reason}"
+                        f"than the {MAX_RETRY_AFTER_S:.0f}s this backend waits; last error: {reason}",
+                        transient=True,
                     )
                 wait = retry_after
             else:

@@ -186,6 +186,18 @@ def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, m
     changed = one_round.model_copy(update={"rewards": one_round.rewards.model_copy(update={"format": 0.5})})
     with pytest.raises(Exception, match="round 0 is committed"):
         _run(changed)
+    # ... at once: a refusal is not retried (retries are for I/O that can succeed later).
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, \
+        TaskRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    with get_client(sync_client=True) as client:
+        failed = client.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="commit-version"),
+            state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED])),
+        ))
+    assert failed and all(t.run_count == 1 for t in failed), [(t.name, t.run_count) for t in failed]
 
 
 def test_second_run_on_same_workdir_fails_at_once(smoke_run):

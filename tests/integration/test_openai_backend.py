@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote
 
 import pytest
 
@@ -379,6 +380,57 @@ def test_api_key_redacted_from_errors_and_logs(tmp_path, monkeypatch, caplog):
     assert "HTTP 401" in str(err.value) and "Incorrect API key provided: ***" in str(err.value)
     assert SECRET not in str(err.value) and SECRET not in caplog.text
     assert len(srv.log) == 1  # 401 is not retried
+
+
+class EchoingOpenAI(FakeOpenAI):
+    """Answers each body's first attempt with a 503 that echoes the key in other shapes."""
+
+    echoed = 0
+
+    def answer(self, path, raw, headers):
+        digest = hashlib.sha256(raw).hexdigest()
+        if self.attempts.get(digest, 0) == 0:
+            with self.lock:
+                self.attempts[digest] = 1
+                self.echoed += 1
+            sent = (headers.get("Authorization") or "").removeprefix("Bearer ")
+            msg = f"overloaded; key {sent.upper()} ({quote(sent, safe='')}) retry later"
+            return 503, {"error": {"message": msg}}, {}, 0
+        return super().answer(path, raw, headers)
+
+
+def _shapes(secret: str) -> list[str]:
+    return [secret.lower(), quote(secret, safe="").lower()]
+
+
+def test_api_key_from_a_file_with_a_trailing_newline_works_and_never_leaks(tmp_path, monkeypatch, caplog):
+    # Keys mounted from files (Kubernetes secrets, `$(cat key)`) end in a newline.
+    monkeypatch.setenv(KEY_ENV, SECRET + "\n")
+    caplog.set_level(logging.DEBUG)
+    with EchoingOpenAI(api_key=SECRET) as srv:
+        b = backend(srv.base_url, tmp_path, api_key_env=KEY_ENV)
+        got = b.sample(make_requests(2, 2), PARAMS)
+        b.close()
+    assert len(got) == 4
+    assert {e["auth"] for e in srv.log} == {f"Bearer {SECRET}"}  # sent without the newline
+    assert "overloaded; key *** (***)" in caplog.text  # the echoed key, in upper case and encoded
+    logged = caplog.text.lower()
+    assert not [s for s in _shapes(SECRET) if s in logged]
+    # A server that refuses it: the error and the logs quote no shape of it either.
+    caplog.clear()
+    with FakeOpenAI(api_key="sk-the-right-one") as srv:
+        with pytest.raises(OpenAIBackendError) as err:
+            backend(srv.base_url, tmp_path, api_key_env=KEY_ENV).sample(make_requests(1, 1), PARAMS)
+    assert "HTTP 401" in str(err.value)
+    text = (str(err.value) + caplog.text).lower()
+    assert not [s for s in _shapes(SECRET) if s in text]
+
+
+def test_api_key_with_whitespace_inside_is_refused_naming_only_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-abc def")
+    with pytest.raises(ValueError, match=KEY_ENV) as err:
+        backend("http://127.0.0.1:1/v1", tmp_path, api_key_env=KEY_ENV)
+    assert "sk-abc" not in str(err.value)
 
 
 def test_missing_api_key_env_names_the_variable(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pyarrow as pa
@@ -422,6 +423,89 @@ def test_second_writer_fails_fast_with_a_clear_error(run):
         proc.communicate("", timeout=30)
     with Catalog(workdir) as cat:  # lock released with the other process
         assert cat.read("problems").num_rows == 6
+
+
+def _holder(workdir: Path, how: str) -> subprocess.Popen:
+    """Another process that opens the catalog `how` and keeps it open until its stdin closes."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from stillhouse.storage.catalog import Catalog
+        cat = {how}
+        print(cat.status().current_snapshot, flush=True)
+        sys.stdin.read()
+        print(cat.read("problems").num_rows, flush=True)
+        cat.close()
+        """
+    )
+    return subprocess.Popen([sys.executable, "-c", code, str(workdir)], cwd=REPO, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_a_snapshot_reader_never_keeps_a_writer_out(run):
+    workdir, _ = run
+    reader = _holder(workdir, "Catalog.for_workdir(sys.argv[1], snapshot=True)")
+    try:
+        seen = int(reader.stdout.readline())
+        # The reader is open (and keeps reading below); the writer opens and commits at once.
+        with Catalog(workdir) as cat:
+            assert cat.add_problems([problem("late", rnd=2)]) == 1
+            now = cat.status().current_snapshot
+        assert now > seen
+        out, _ = reader.communicate("", timeout=60)
+        assert int(out) == 6  # the reader still reads the snapshot it took: without "late"
+    finally:
+        reader.kill()
+    with Catalog.for_workdir(workdir, snapshot=True) as cat:  # a new snapshot sees the write
+        assert cat.read("problems").num_rows == 7 and cat.status().current_snapshot == now
+        with pytest.raises(CatalogError, match="read_only"):
+            cat.add_problems([problem("never", rnd=2)])
+    assert not list(Path(cat._attach_uri).parent.glob("*")), "the snapshot's copy is removed on close"
+
+
+def test_a_snapshot_waits_for_a_writer_and_the_run_waits_for_a_reader(run):
+    workdir, _ = run
+    writer = _holder(workdir, "Catalog(sys.argv[1])")
+    try:
+        writer.stdout.readline()
+        with pytest.raises(CatalogLockedError):  # no waiting asked for: at once, as before
+            Catalog(workdir, read_only=True)
+        threading.Timer(1.0, writer.stdin.close).start()
+        with Catalog.for_workdir(workdir, snapshot=True) as cat:  # waits until the writer lets go
+            assert cat.read("problems").num_rows == 6
+        writer.wait(timeout=60)
+    finally:
+        writer.kill()
+    # A reader's copy holds the file for a moment; a writer with lock_wait_s waits that out.
+    code = textwrap.dedent(
+        """
+        import fcntl, os, sys
+        from stillhouse.storage.catalog import _ofd_lock
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        _ofd_lock(fd, fcntl.F_RDLCK)  # what a snapshot holds while it copies
+        print("locked", flush=True)
+        sys.stdin.read()
+        """
+    )
+    copier = subprocess.Popen([sys.executable, "-c", code, str(workdir / "catalog" / "metadata.ducklake")],
+                              cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert copier.stdout.readline().strip() == "locked"
+        with pytest.raises(CatalogLockedError):
+            Catalog(workdir)
+        threading.Timer(1.0, copier.stdin.close).start()
+        with Catalog(workdir, lock_wait_s=30) as cat:
+            assert cat.read("problems").num_rows == 6
+    finally:
+        copier.kill()
+
+
+def test_no_snapshot_of_a_catalog_this_process_has_open(tmp_path):
+    with Catalog(tmp_path):
+        with pytest.raises(CatalogLockedError, match="already open in this process"):
+            Catalog(tmp_path, snapshot=True)
+    with Catalog(tmp_path, snapshot=True) as cat:
+        assert cat.status().rounds == []
 
 
 def test_second_open_in_the_same_process_fails_clearly(tmp_path):
