@@ -109,15 +109,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
+    import shlex
+    import signal
     import time
 
+    from stillhouse.flows.lifecycle import run_server, stop_on_signals, stop_signal
     from stillhouse.tasks.experiment.report import markdown_table
+    from stillhouse.tasks.experiment.spec import load_experiment
 
+    exp = load_experiment(args.config, args.workdir)  # a bad file fails here, before Prefect starts
     _prefect_env()
-    from stillhouse.flows.experiment import run_experiment
-
     started = time.monotonic()
-    out = run_experiment(args.config, args.workdir)
+    try:
+        # As `run`: Ctrl-C / SIGTERM stop the current run at a safe point; the rerun continues.
+        with stop_on_signals(), run_server():
+            from stillhouse.flows.experiment import run_experiment
+
+            out = run_experiment(args.config, args.workdir)
+    except BaseException as exc:
+        signum = stop_signal(exc)
+        if signum is None:
+            raise
+        again = ["stillhouse", "experiment", args.config] + (["--workdir", args.workdir] if args.workdir else [])
+        log.warning("stopped by %s; finished runs are kept in %s. Resume with: %s",
+                    signal.Signals(signum).name, exp.workdir, shlex.join(again))
+        return 128 + signum
     print(markdown_table(out["summary"]))
     print(f"time:       {time.monotonic() - started:.1f}s wall")
     print(f"experiment: {Path(out['json']).resolve()}")
