@@ -321,6 +321,19 @@ def _cmd_gpu_limit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds ("-5", "0", "nan", "inf" are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillhouse",
@@ -393,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="Score existing generations (JSONL with reference, response).")
     p.add_argument("input", help="Input JSONL: one object per line with `reference` and `response`.")
     p.add_argument("--out", required=True, help="Output JSONL: input + extracted, correct, reward, error.")
-    p.add_argument("--timeout", type=float, default=5.0, help="Seconds per row (default 5).")
+    p.add_argument("--timeout", type=_positive_seconds, default=5.0, help="Seconds per row (default 5).")
     p.add_argument("--workers", type=int, default=None, help="Worker processes (default: all cores).")
     p.add_argument("--no-fallback", action="store_true", help="Do not fall back to the last number.")
     p.set_defaults(func=_cmd_verify)

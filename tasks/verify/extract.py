@@ -271,6 +271,10 @@ def _finish(answer: str, method: str, format_ok: bool = True) -> Extraction | No
         inner = _extract_boxed(answer)
         if inner is not None and inner.answer:
             return Extraction(inner.answer, method, format_ok)
+        if inner is None:
+            # "The answer is \boxed{42" (never closed: a cut-off or garbled reply) is no answer in
+            # any format: Math-Verify would close the box itself and call it correct.
+            return Extraction(None, method, False, "unclosed \\boxed{...} in the answer")
     return Extraction(answer, method, format_ok)
 
 
