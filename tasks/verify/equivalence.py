@@ -21,7 +21,7 @@ from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, unwrap_boxed
+from stillhouse.tasks.verify.extract import _CODE_LIKE, MAX_ANSWER_CHARS, unwrap_boxed
 from stillhouse.tasks.verify.numbers import decimal_comma_value, numbers_equal, plain_number, trailing_unit
 
 log = logging.getLogger(__name__)
@@ -257,16 +257,6 @@ _BINOM_ARGS = re.compile(
 _MAX_FACTORIAL = 100_000
 
 
-# Program text is not an answer. Math-Verify would find "=1" in "globals().update(PWNED=1)" and
-# call it correct, so code-shaped answers are refused before parsing (nothing is ever executed).
-_CODE_LIKE = re.compile(
-    r"__|\bimport\s+\w|(?<!\\)\blambda\b|"  # not LaTeX's \lambda
-    r"(?<!\\)\b(?:exec|eval|compile|globals|locals|getattr|setattr|open|system|popen|print)\s*\(|"
-    r"\)\s*\.\s*[A-Za-z_]\w*\s*\(|\b[A-Za-z_]\w*\.[A-Za-z_]\w*\s*\(|"
-    # A call with no arguments ("(foo: 1)()", "f()") and Python's walrus: never a math answer, and
-    # Math-Verify would read the 1 of "(foo: 1)()" as the whole answer.
-    r"\(\s*\)|:="
-)
 
 
 def _tower_log10(nums: list[int]) -> float:

@@ -278,6 +278,8 @@ CASES: list[Case] = [
     # screened after NFKC normalisation.
     Case("inject-call-colon", "The answer is $(foo: 1)()$", "1", False),
     Case("inject-call-colon-boxed", "\\boxed{(foo: 1)()}", "1", False),
+    Case("inject-call-colon-bare", "(foo: 1)()", "1", False, None),
+    Case("inject-call-colon-bare-fullwidth", "(\uff4c\uff41\uff4d\uff42\uff44\uff41: 1)()", "1", False, None),
     Case("inject-fullwidth-lambda", "The answer is $(\uff4c\uff41\uff4d\uff42\uff44\uff41: 1)()$", "1", False),
     # ---------------------------------------------------------------- huge and pathological
     Case("huge-power-tower", "\\boxed{10^{10^{10}}}", "5", False),
@@ -321,6 +323,8 @@ ERROR_CASES = {
     "huge-gamma",
     "inject-call-colon",
     "inject-call-colon-boxed",
+    "inject-call-colon-bare",
+    "inject-call-colon-bare-fullwidth",
     "inject-fullwidth-lambda",
     "malformed-unclosed-after-phrase",
     "malformed-unclosed-after-phrase-number",
