@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
@@ -467,13 +466,14 @@ def parse_config(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     """Load a YAML run config; top-level `overrides` (e.g. workdir, rounds) win over the file."""
+    from stillhouse.tasks.bounded_yaml import YamlFileError, load_yaml_file
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        # Bounded: size, alias expansion, nesting, duplicate keys, UTF-8; the file named in each error.
+        data = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})

@@ -52,6 +52,7 @@ def test_dtype_float16_loads_for_generation_and_is_refused_for_training():
     "stillhouse.tasks.training.data",
     "stillhouse.tasks.weights",
     "stillhouse.tasks.evaluation",
+    "stillhouse.tasks.bounded_yaml",
 ])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module))
