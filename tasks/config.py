@@ -10,10 +10,11 @@ documented default so the method can be compared with its baselines on the same 
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -417,7 +418,14 @@ class CatalogConfig(_Section):
 class RunConfig(_Section):
     """Everything a multi-round distillation run needs."""
 
-    run_name: str = Field("stillhouse", description="Name shown in Prefect flow runs and reports.")
+    run_name: str = Field(
+        "stillhouse",
+        min_length=1,
+        max_length=100,
+        description="Name shown in Prefect flow runs, artifacts and reports. Any letters (\"Präzision\" "
+        "is fine: artifact keys are derived from it as lowercase ASCII with a hash suffix); not "
+        "/ % & < > (Prefect refuses them in deployment names) nor control characters.",
+    )
     workdir: str = Field(
         "runs/stillhouse", description="Run directory: catalog, Parquet intermediates, adapters."
     )
@@ -439,6 +447,16 @@ class RunConfig(_Section):
     catalog: CatalogConfig = Field(
         default_factory=CatalogConfig, description="Where the versioned datasets (DuckLake) live."
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_usable_by_prefect(cls, value: str) -> str:
+        # Checked here, before any model work: Prefect would refuse it only at its first use.
+        bad = sorted({c for c in value if c in "/%&<>" or unicodedata.category(c).startswith("C")})
+        if bad or not value.strip():
+            shown = ", ".join(repr(c) for c in bad) or "only whitespace"
+            raise ValueError(f"run_name {value!r} cannot be used as a Prefect name ({shown})")
+        return value
 
     def section_dict(self, *names: str) -> dict[str, Any]:
         """The JSON form of the named sections: what a cached step's key is built from."""
