@@ -20,6 +20,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from stillhouse.tasks.verify.jsonl import verify_jsonl
     from stillhouse.tasks.weights import sample_reward
 
+    _refuse_existing(args.out, args.force)
     rewards = RewardConfig()
     summary = verify_jsonl(
         args.input,
@@ -121,7 +122,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(out: str, force: bool) -> None:
+    """`--out` onto an existing file needs --force: an export or a scored file is easy to lose."""
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file name")
+    if path.exists() and not force:
+        raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    _refuse_existing(args.out, args.force)
     with _open_catalog(args.workdir) as cat:
         n = cat.export(args.round, args.out)
     print(f"wrote {n} rows of round {args.round} to {args.out}")
@@ -362,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="Write the run report (Markdown + HTML with plots).")
@@ -409,6 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=_positive_seconds, default=5.0, help="Seconds per row (default 5).")
     p.add_argument("--workers", type=int, default=None, help="Worker processes (default: all cores).")
     p.add_argument("--no-fallback", action="store_true", help="Do not fall back to the last number.")
+    p.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
     p.set_defaults(func=_cmd_verify)
 
     models = sub.add_parser("models", help="Prepare packaged or tiny models.").add_subparsers(

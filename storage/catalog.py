@@ -75,6 +75,14 @@ class RoundCommittedError(ValueError):
     """A committed round's version is immutable."""
 
 
+class RoundNotCommittedError(CatalogError, KeyError):
+    """A round asked for (diff, export, read) has no committed version. A KeyError for callers
+    that look rounds up like keys; a CatalogError so that the CLI prints it as one line."""
+
+    def __str__(self) -> str:  # KeyError's own __str__ would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class VersionDiff:
     """What changed between two rounds' versions (from_round -> to_round)."""
@@ -559,7 +567,10 @@ class Catalog:
         """The snapshot id of round `round`'s version; KeyError if it is not committed."""
         rounds = self._committed_rounds()
         if round not in rounds:
-            raise KeyError(f"round {round} is not committed (committed: {sorted(rounds)})")
+            why = "rounds are numbered from 0" if round < 0 else "it has no committed version yet"
+            raise RoundNotCommittedError(
+                f"round {round} is not committed ({why}; committed: {sorted(rounds) or 'none'})"
+            )
         return rounds[round]
 
     def _source(self, table: str, snapshot: int | None, as_: str = "") -> str:
