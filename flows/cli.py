@@ -64,6 +64,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from stillhouse.tasks.config import load_config
 
     cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
+    from stillhouse.tasks.steps import check_sources
+
+    check_sources(cfg)  # unreadable or empty sources fail here, before Prefect starts
     _prefect_env()
     from stillhouse.flows.distill import run
 

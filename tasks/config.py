@@ -96,6 +96,19 @@ class SourceConfig(_Section):
     max_answer_chars: int = Field(
         200, ge=1, description="Rows whose reference answer is longer than this are reported and skipped."
     )
+    max_question_chars: int = Field(
+        8_000,
+        ge=1,
+        description="Rows whose question is longer than this are reported and skipped. GSM8K and "
+        "MATH questions are under 5,000 characters; a 1 MB question would not fit any model's "
+        "context (and the prompt check before sampling would quarantine it anyway).",
+    )
+    max_number_digits: int = Field(
+        100,
+        ge=1,
+        description="Rows with a number of more digits than this in the question or the answer are "
+        "reported and skipped (Python cannot even convert a number of more than 4,300 digits).",
+    )
 
     @model_validator(mode="after")
     def _needs_location(self) -> SourceConfig:

@@ -32,7 +32,7 @@ from stillhouse.storage.catalog import Catalog
 from stillhouse.tasks.backends.base import Progress, SamplingParams
 from stillhouse.tasks.backends.open import TRANSPORT_FIELDS, model_path, open_backend
 from stillhouse.tasks.config import RunConfig
-from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.problems import Problem, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ def seed_problems(cfg: RunConfig) -> StepResult:
         log.warning("... and %d more skipped rows", len(loaded.skipped) - 20)
     with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
+        pool, _ = pool_and_eval(cat, 0)
+    if not pool:
+        # Fail here, in seconds, naming the sources: an empty pool would only fail later, at
+        # sampling, with an error about a cache folder.
+        raise SourceError(f"0 training problems: {_sources_summary(cfg, loaded)}; nothing to distill")
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
     n_eval = len(loaded.of_split("eval"))
     return StepResult(
@@ -99,6 +104,39 @@ def seed_problems(cfg: RunConfig) -> StepResult:
         metrics={"problems": len(loaded.problems), "train": len(loaded.problems) - n_eval,
                  "eval": n_eval, "added": added, "skipped_rows": len(loaded.skipped)},
     )
+
+
+def check_sources(cfg: RunConfig) -> str:
+    """Load the configured sources once before a run starts (no Prefect, no models): a source that
+    cannot be read, or sources that give no training problem for a new run, fail here in seconds
+    with the sources named. Returns the per-source summary. A workdir that already has a catalog
+    is left to the seed step, which also counts the pool already there."""
+    from stillhouse.tasks.sources import load_problems
+
+    loaded = load_problems(list(cfg.problems))
+    summary = _sources_summary(cfg, loaded)
+    has_catalog = cfg.catalog.uri is not None or (Path(cfg.workdir) / "catalog").exists()
+    if not has_catalog and not any(p.split == "train" for p in loaded.problems):
+        raise SourceError(f"0 training problems: {summary}; nothing to distill")
+    return summary
+
+
+def _sources_summary(cfg: RunConfig, loaded: Any) -> str:
+    """Per source: where it is, its train/eval problems, its skipped rows and the first reason."""
+    from stillhouse.tasks.sources import source_location, source_name
+
+    parts = []
+    for src in cfg.problems:
+        name = source_name(src)
+        got = [p for p in loaded.problems if p.source == name]
+        skipped = [s for s in loaded.skipped if s.source == name]
+        part = (f"source {name!r} ({source_location(src)}): {sum(p.split == 'train' for p in got)} train / "
+                f"{sum(p.split == 'eval' for p in got)} eval problems, {len(skipped)} rows skipped")
+        if skipped:
+            first = skipped[0]
+            part += f" (first: row {first.row} {first.field or 'row'}: {first.reason})"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- 1. sample
