@@ -105,6 +105,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     with _open_catalog(args.workdir) as cat:
         status = cat.status()
+        quarantined = cat.quarantined()
     done = {m["round"]: m for m in round_summaries(args.workdir)}
     print(f"{status.workdir}  (current snapshot {status.current_snapshot})")
     print(f"{'round':>5}  {'status':<10} {'version':>7} {'problems':>8} {'samples':>8}  steps")
@@ -113,6 +114,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         steps = "complete" if m else "in progress"
         print(f"{r.round:>5}  {r.status:<10} {r.snapshot_id if r.snapshot_id is not None else '-':>7} "
               f"{r.problems:>8} {r.samples:>8}  {steps}")
+    if quarantined:
+        print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table `quarantine`)")
+        for pid, q in list(quarantined.items())[:10]:
+            print(f"  {pid}  round {q['round']}  {q['reason']}: {q['detail']}")
     return 0
 
 

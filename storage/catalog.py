@@ -336,6 +336,19 @@ class Catalog:
         added = self._add_batches("add synthesis", [(S.PROBLEMS, problems), (S.SYNTHESIS_RECORDS, records)])
         return added[0], added[1]
 
+    def add_quarantine(self, rows: Rows) -> int:
+        """Quarantine problems (problem_id, round, reason, detail); returns how many were new."""
+        return self._add(S.QUARANTINE, rows)
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """problem id -> its quarantine row (round, reason, detail); empty for older catalogs."""
+        if not self._has_table(S.QUARANTINE.name):
+            return {}
+        rows = self.con.execute(
+            f"SELECT problem_id, round, reason, detail FROM {self.alias}.{S.QUARANTINE.name} ORDER BY problem_id"
+        ).fetchall()
+        return {pid: {"round": r, "reason": reason, "detail": detail} for pid, r, reason, detail in rows}
+
     def _add(self, spec: S.TableSpec, rows: Rows) -> int:
         return self._add_batches(f"add {spec.name}", [(spec, rows)])[0]
 

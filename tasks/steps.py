@@ -71,11 +71,48 @@ def _problems(table: pa.Table) -> list[Problem]:
 
 
 def pool_and_eval(catalog: Catalog, round: int) -> tuple[list[Problem], list[Problem]]:
-    """The round's training pool (every train problem introduced so far) and the eval problems."""
+    """The round's training pool (every train problem introduced so far) and the eval problems,
+    without quarantined problems (see quarantine_unfit)."""
+    quarantined = catalog.quarantined()
     problems = sorted(_problems(catalog.read("problems")), key=lambda p: p.id)
+    problems = [p for p in problems if p.id not in quarantined]
     pool = [p for p in problems if p.split == "train" and p.round_introduced <= round]
     evals = [p for p in problems if p.split == "eval"]
     return pool, evals
+
+
+def quarantine_unfit(cfg: RunConfig, round: int) -> dict[str, str]:
+    """Quarantine the problems whose prompt does not fit the teacher's context (pool) or the
+    student's (pool and eval sets), before any model work; returns {problem id: reason} of the
+    newly quarantined. They are recorded in the catalog's `quarantine` table and logged, and every
+    step's pool leaves them out, so one poisoned row (e.g. a 1 MB question already in the catalog)
+    costs itself instead of crashing every resume."""
+    from stillhouse.tasks.admission import hf_budget, unfit_problems
+    from stillhouse.tasks.prompts import solve_messages
+
+    with open_catalog(cfg, read_only=True) as cat:
+        pool, evals = pool_and_eval(cat, round)
+    if not pool and not evals:
+        return {}
+
+    def messages(p: Problem):
+        return solve_messages(p.question, cfg.prompts)
+
+    teacher = hf_budget("teacher", cfg.teacher, model_path(cfg.teacher), cfg.sampling.max_new_tokens, messages)
+    student = hf_budget("student", cfg.student.model, model_path(cfg.student.model),
+                        cfg.evaluation.max_new_tokens, messages)
+    unfit = unfit_problems(pool, [teacher] if teacher else [])
+    unfit.update(unfit_problems([p for p in pool + evals if p.id not in unfit], [student] if student else []))
+    if unfit:
+        rows = [{"problem_id": pid, "round": round, "reason": "prompt_too_long", "detail": why}
+                for pid, why in sorted(unfit.items())]
+        with open_catalog(cfg) as cat:
+            cat.add_quarantine(rows)
+        for r in rows[:20]:
+            log.warning("quarantined problem %s (round %d): %s", r["problem_id"], round, r["detail"])
+        if len(rows) > 20:
+            log.warning("... and %d more quarantined problems", len(rows) - 20)
+    return unfit
 
 
 # --------------------------------------------------------------------------- 0. seed
@@ -92,17 +129,21 @@ def seed_problems(cfg: RunConfig) -> StepResult:
         log.warning("... and %d more skipped rows", len(loaded.skipped) - 20)
     with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
+    quarantined = quarantine_unfit(cfg, 0)
+    with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, 0)
     if not pool:
         # Fail here, in seconds, naming the sources: an empty pool would only fail later, at
         # sampling, with an error about a cache folder.
-        raise SourceError(f"0 training problems: {_sources_summary(cfg, loaded)}; nothing to distill")
+        held = f"; {len(quarantined)} quarantined (prompt too long)" if quarantined else ""
+        raise SourceError(f"0 training problems: {_sources_summary(cfg, loaded)}{held}; nothing to distill")
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
     n_eval = len(loaded.of_split("eval"))
     return StepResult(
         "seed", key, computed=added > 0,
         metrics={"problems": len(loaded.problems), "train": len(loaded.problems) - n_eval,
-                 "eval": n_eval, "added": added, "skipped_rows": len(loaded.skipped)},
+                 "eval": n_eval, "added": added, "skipped_rows": len(loaded.skipped),
+                 "quarantined": len(quarantined)},
     )
 
 
@@ -146,6 +187,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     """The teacher answers every pool problem N times; completions cached as Parquet shards."""
     from stillhouse.tasks.prompts import solve_requests
 
+    quarantine_unfit(cfg, round)  # problems synthesized since the seed step, before any sampling
     with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, round)
     # The round is part of each seed: a problem that stays in the pool gets fresh samples in
