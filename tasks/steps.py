@@ -98,9 +98,12 @@ def quarantine_unfit(cfg: RunConfig, round: int) -> dict[str, str]:
     def messages(p: Problem):
         return solve_messages(p.question, cfg.prompts)
 
-    teacher = hf_budget("teacher", cfg.teacher, model_path(cfg.teacher), cfg.sampling.max_new_tokens, messages)
-    student = hf_budget("student", cfg.student.model, model_path(cfg.student.model),
-                        cfg.evaluation.max_new_tokens, messages)
+    def budget(who: str, model: Any, new_tokens: int):
+        # A served model (openai) has no local config or tokenizer: its context is not checked.
+        return None if model.backend == "openai" else hf_budget(who, model, model_path(model), new_tokens, messages)
+
+    teacher = budget("teacher", cfg.teacher, cfg.sampling.max_new_tokens)
+    student = budget("student", cfg.student.model, cfg.evaluation.max_new_tokens)
     unfit = unfit_problems(pool, [teacher] if teacher else [])
     unfit.update(unfit_problems([p for p in pool + evals if p.id not in unfit], [student] if student else []))
     if unfit:

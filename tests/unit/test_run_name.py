@@ -42,3 +42,12 @@ def test_artifact_keys_of_different_names_differ_and_ascii_keys_are_unchanged():
 def test_run_names_prefect_refuses_are_refused_at_load(name):
     with pytest.raises(ConfigError, match="run_name"):
         parse_config({**MINIMAL, "run_name": name})
+
+
+def test_artifact_key_docstring_examples_run():
+    import doctest
+
+    import stillhouse.flows.monitoring as monitoring
+
+    result = doctest.testmod(monitoring)
+    assert result.attempted and not result.failed
