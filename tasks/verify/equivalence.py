@@ -438,9 +438,12 @@ def _symbolic_match(pred: str, ref: str, timeout_s: float | None) -> tuple[bool,
         problem = _pathology(text)
         if problem:
             return False, f"{side} refused: {problem}"
+    # Imported before the time limit starts: importing sympy can take seconds on a loaded machine,
+    # and a timeout inside the import would leave a half-imported module that fails every later
+    # item of this process ("module 'math_verify' has no attribute 'grader'").
+    mv, _ = _math_verify()
     try:
         with _time_limit(timeout_s):
-            mv, _ = _math_verify()
             gold = _parse(ref)
             if not gold:
                 return False, "reference could not be parsed"

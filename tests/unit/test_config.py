@@ -111,10 +111,10 @@ def _bomb(indent: str = "") -> str:
     [
         # The bomb inside a free-form dict field used to pass validation and hang the run.
         ("nested-bomb", SMOKE.replace("teacher:\n", "teacher:\n  vllm_engine_args:\n" + _bomb("    "), 1),
-         "alias bomb"),
-        ("top-bomb", _bomb() + SMOKE, "alias bomb"),
-        ("many-aliases", "x: &x 1\nys: [" + ", ".join(["*x"] * 2000) + "]\n" + SMOKE, "aliases"),
-        ("self-alias", SMOKE + "loop: &l [*l]\n", "contains it"),
+         "values once YAML aliases are expanded"),
+        ("top-bomb", _bomb() + SMOKE, "values once YAML aliases are expanded"),
+        ("many-aliases", "x: &x 1\nys: [" + ", ".join(["*x"] * 2000) + "]\n" + SMOKE, "more than 1000 YAML aliases"),
+        ("self-alias", SMOKE + "loop: &l [*l]\n", "refers to a node that contains it"),
         ("duplicate-top", SMOKE + "rounds: 30\n", "duplicate key 'rounds' at line"),
         ("duplicate-nested", SMOKE.replace("sampling:\n", "sampling:\n  n: 2\n  n: 3\n", 1), "duplicate key 'n'"),
         ("deep", "x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
