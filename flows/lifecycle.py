@@ -143,19 +143,12 @@ def stop_on_signals(grace_s: float = DEFAULT_GRACE_S) -> Iterator[None]:
 # --------------------------------------------------------------------------- preflight
 
 
-def check_sources(config: Any) -> None:
-    """A local source file (or saved dataset folder) that is not there fails here, naming it."""
-    for i, src in enumerate(config.problems):
-        if src.kind in ("jsonl", "parquet", "csv", "hf") and src.path and "://" not in src.path:
-            if not Path(src.path).exists():
-                raise FileNotFoundError(f"problems[{i}] ({src.kind} source): {src.path} does not exist")
-
-
 def preflight(config: Any) -> None:
     """What can fail a run before any Prefect or model work, failing at once."""
     from stillhouse.storage.lock import RunLock
+    from stillhouse.tasks.steps import check_sources
 
-    check_sources(config)
+    check_sources(config)  # every source loaded once: missing, unreadable or empty ones are named
     # Another run holds the workdir: fail now; the flow itself takes the lock for the whole run.
     RunLock(config.workdir).acquire().release()
 

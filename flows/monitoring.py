@@ -20,9 +20,35 @@ from stillhouse.tasks.evaluation import accuracy_text
 log = logging.getLogger(__name__)
 
 
+# Letters that Unicode decomposition does not reduce to ASCII.
+_TRANSLITERATE = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "đ": "d", "ł": "l", "þ": "th",
+                                "ð": "d", "ı": "i"})
+
+
 def artifact_key(text: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    """A Prefect artifact key for `text`: lowercase ASCII letters, digits and dashes only.
+
+    An ASCII name keeps its old key ("My_Run-round-1" -> "my-run-round-1"). Any other name is
+    transliterated ("Präzision" -> "prazision") and gets a short hash of the name as a suffix, so
+    that "Präzision" and "Prazision", or two names in a script with no Latin letters at all, never
+    share a key.
+
+    >>> artifact_key("smoke-round-1"), artifact_key("Präzision-report")
+    ('smoke-round-1', 'prazision-report-894ea78a')
+    >>> artifact_key("精度-round-0")
+    'round-0-3946db17'
+    """
+    import hashlib
+    import re
+    import unicodedata
+
+    if text.isascii():
+        return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+    folded = unicodedata.normalize("NFKD", text.lower().translate(_TRANSLITERATE))
+    ascii_text = "".join(c for c in folded if c.isascii() and not unicodedata.combining(c))
+    slug = re.sub(r"-+", "-", "".join(c if c.isalnum() else "-" for c in ascii_text)).strip("-")
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:8]
+    return f"{slug}-{digest}" if slug else digest
 
 
 class ProgressReporter:

@@ -91,6 +91,14 @@ class RoundCommittedError(ValueError):
     """A committed round's version is immutable."""
 
 
+class RoundNotCommittedError(CatalogError, KeyError):
+    """A round asked for (diff, export, read) has no committed version. A KeyError for callers
+    that look rounds up like keys; a CatalogError so that the CLI prints it as one line."""
+
+    def __str__(self) -> str:  # KeyError's own __str__ would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 @dataclass(frozen=True)
 class VersionDiff:
     """What changed between two rounds' versions (from_round -> to_round)."""
@@ -452,6 +460,19 @@ class Catalog:
         added = self._add_batches("add synthesis", [(S.PROBLEMS, problems), (S.SYNTHESIS_RECORDS, records)])
         return added[0], added[1]
 
+    def add_quarantine(self, rows: Rows) -> int:
+        """Quarantine problems (problem_id, round, reason, detail); returns how many were new."""
+        return self._add(S.QUARANTINE, rows)
+
+    def quarantined(self) -> dict[str, dict[str, Any]]:
+        """problem id -> its quarantine row (round, reason, detail); empty for older catalogs."""
+        if not self._has_table(S.QUARANTINE.name):
+            return {}
+        rows = self.con.execute(
+            f"SELECT problem_id, round, reason, detail FROM {self.alias}.{S.QUARANTINE.name} ORDER BY problem_id"
+        ).fetchall()
+        return {pid: {"round": r, "reason": reason, "detail": detail} for pid, r, reason, detail in rows}
+
     def _add(self, spec: S.TableSpec, rows: Rows) -> int:
         return self._add_batches(f"add {spec.name}", [(spec, rows)])[0]
 
@@ -683,7 +704,10 @@ class Catalog:
         """The snapshot id of round `round`'s version; KeyError if it is not committed."""
         rounds = self._committed_rounds()
         if round not in rounds:
-            raise KeyError(f"round {round} is not committed (committed: {sorted(rounds)})")
+            why = "rounds are numbered from 0" if round < 0 else "it has no committed version yet"
+            raise RoundNotCommittedError(
+                f"round {round} is not committed ({why}; committed: {sorted(rounds) or 'none'})"
+            )
         return rounds[round]
 
     def _source(self, table: str, snapshot: int | None, as_: str = "") -> str:

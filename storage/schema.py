@@ -192,12 +192,30 @@ SYNTHESIS_RECORDS = TableSpec(
     json_columns=("votes",),
 )
 
+# Problems in the catalog that no step may hand to a model, with why (issue 16): a prompt that does
+# not fit the teacher's or the student's context. Found before any model work of a run (seed step)
+# and of each round (sample step); the pool and the eval sets leave them out from then on, so one
+# poisoned row costs itself, not every resume. Keyed by problem: quarantine is for good.
+QUARANTINE = TableSpec(
+    name="quarantine",
+    schema=pa.schema(
+        [
+            _f("problem_id", STR),
+            _f("round", INT),  # the round being prepared when it was found
+            _f("reason", STR),
+            _f("detail", STR),  # e.g. "teacher prompt 262,147 tokens + 32 new > context 2,048"
+        ]
+    ),
+    key=("problem_id",),
+    enums={"reason": ("prompt_too_long",)},
+)
+
 TABLES: dict[str, TableSpec] = {
-    s.name: s for s in (PROBLEMS, SAMPLES, ROUNDS, EVAL_RESULTS, SPLIT_LABELS, SYNTHESIS_RECORDS)
+    s.name: s for s in (PROBLEMS, SAMPLES, ROUNDS, EVAL_RESULTS, SPLIT_LABELS, SYNTHESIS_RECORDS, QUARANTINE)
 }
 # Tables added after the first catalogs were written: a read-only open of an older catalog does
 # without them (reads come back empty); a writable open creates them.
-LATER_TABLES = ("synthesis_records",)
+LATER_TABLES = ("synthesis_records", "quarantine")
 
 SQL_TYPES = {STR: "VARCHAR", INT: "BIGINT", FLOAT: "DOUBLE", BOOL: "BOOLEAN", TS: "TIMESTAMP"}
 

@@ -10,10 +10,10 @@ documented default so the method can be compared with its baselines on the same 
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
@@ -95,6 +95,19 @@ class SourceConfig(_Section):
     )
     max_answer_chars: int = Field(
         200, ge=1, description="Rows whose reference answer is longer than this are reported and skipped."
+    )
+    max_question_chars: int = Field(
+        8_000,
+        ge=1,
+        description="Rows whose question is longer than this are reported and skipped. GSM8K and "
+        "MATH questions are under 5,000 characters; a 1 MB question would not fit any model's "
+        "context (and the prompt check before sampling would quarantine it anyway).",
+    )
+    max_number_digits: int = Field(
+        100,
+        ge=1,
+        description="Rows with a number of more digits than this in the question or the answer are "
+        "reported and skipped (Python cannot even convert a number of more than 4,300 digits).",
     )
 
     @model_validator(mode="after")
@@ -446,7 +459,14 @@ MAX_ROUNDS = 1000
 class RunConfig(_Section):
     """Everything a multi-round distillation run needs."""
 
-    run_name: str = Field("stillhouse", description="Name shown in Prefect flow runs and reports.")
+    run_name: str = Field(
+        "stillhouse",
+        min_length=1,
+        max_length=100,
+        description="Name shown in Prefect flow runs, artifacts and reports. Any letters (\"Präzision\" "
+        "is fine: artifact keys are derived from it as lowercase ASCII with a hash suffix); not "
+        "/ % & < > (Prefect refuses them in deployment names) nor control characters.",
+    )
     workdir: str = Field(
         "runs/stillhouse", description="Run directory: catalog, Parquet intermediates, adapters."
     )
@@ -479,6 +499,16 @@ class RunConfig(_Section):
     catalog: CatalogConfig = Field(
         default_factory=CatalogConfig, description="Where the versioned datasets (DuckLake) live."
     )
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_usable_by_prefect(cls, value: str) -> str:
+        # Checked here, before any model work: Prefect would refuse it only at its first use.
+        bad = sorted({c for c in value if c in "/%&<>" or unicodedata.category(c).startswith("C")})
+        if bad or not value.strip():
+            shown = ", ".join(repr(c) for c in bad) or "only whitespace"
+            raise ValueError(f"run_name {value!r} cannot be used as a Prefect name ({shown})")
+        return value
 
     @model_validator(mode="after")
     def _split_feeds_synthesis(self) -> RunConfig:
@@ -513,13 +543,14 @@ def parse_config(data: dict[str, Any], origin: str = "<dict>") -> RunConfig:
 
 def load_config(path: str | Path, **overrides: Any) -> RunConfig:
     """Load a YAML run config; top-level `overrides` (e.g. workdir, rounds) win over the file."""
+    from stillhouse.tasks.bounded_yaml import YamlFileError, load_yaml_file
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+        # Bounded: size, alias expansion, nesting, duplicate keys, UTF-8; the file named in each error.
+        data = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {path} must be a mapping at the top level")
     data.update({k: v for k, v in overrides.items() if v is not None})

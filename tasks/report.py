@@ -18,9 +18,30 @@ from stillhouse.storage import parquet_io
 from stillhouse.tasks.evaluation import accuracy_text
 
 
+class SummaryError(ValueError):
+    """A round summary file that cannot be read; the message names the file."""
+
+
+def _read_summary(path: Path) -> dict[str, Any]:
+    """One summary file (rounds/round-<r>.json, rounds/base.json), or SummaryError naming it."""
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise SummaryError(
+            f"round summary {path} is not valid JSON ({err}); it is rewritten when the round runs "
+            "again: rerun `stillhouse run` on this workdir (finished steps are not redone)"
+        ) from None
+    except OSError as err:
+        raise SummaryError(f"cannot read round summary {path}: {err.strerror or err}") from None
+    if not isinstance(data, dict):
+        raise SummaryError(f"round summary {path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
 def round_summaries(workdir: str | Path) -> list[dict[str, Any]]:
-    files = sorted((Path(workdir) / "rounds").glob("round-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    return [json.loads(p.read_text()) for p in files]
+    files = [p for p in (Path(workdir) / "rounds").glob("round-*.json") if p.stem[len("round-"):].isdigit()]
+    files.sort(key=lambda p: int(p.stem[len("round-"):]))
+    return [_read_summary(p) for p in files]
 
 
 def record_round(workdir: str | Path, round: int, metrics: dict[str, Any]) -> Path:
@@ -34,7 +55,7 @@ def record_base(workdir: str | Path, metrics: dict[str, Any]) -> Path:
 
 def base_summary(workdir: str | Path) -> dict[str, Any] | None:
     path = Path(workdir) / "rounds" / "base.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    return _read_summary(path) if path.is_file() else None
 
 
 def _png(fig) -> str:

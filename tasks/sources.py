@@ -83,6 +83,16 @@ def _as_text(value: Any) -> tuple[str | None, str | None]:
     return (text, None) if text.strip() else (None, "empty")
 
 
+# A reference may be a whole solution (GSM8K's rationale before "#### N"); beyond this it is not.
+_MAX_RAW_ANSWER_CHARS = 100_000
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def _longest_digit_run(text: str) -> int:
+    """Digits in the longest number of `text` (thousands separators end a run: GSM8K writes 1,234)."""
+    return max((len(m) for m in _DIGIT_RUN.findall(text)), default=0)
+
+
 def _to_problem(raw: RawRow, cfg: SourceConfig, source: str) -> tuple[Problem | None, SkippedRow | None]:
     def skip(field_: str | None, reason: str) -> tuple[None, SkippedRow]:
         return None, SkippedRow(source, raw.row, field_, reason)
@@ -95,11 +105,20 @@ def _to_problem(raw: RawRow, cfg: SourceConfig, source: str) -> tuple[Problem | 
     answer, why = _as_text(raw.answer)
     if answer is None:
         return skip("answer", why)
+    if len(question) > cfg.max_question_chars:
+        return skip("question", f"too long ({len(question)} > max_question_chars={cfg.max_question_chars})")
+    if len(answer) > _MAX_RAW_ANSWER_CHARS:
+        # Before normalising: a GSM8K rationale is long, a megabyte is not an answer.
+        return skip("answer", f"too long ({len(answer)} chars)")
     answer = normalize_reference(answer)
     if not answer:
         return skip("answer", "empty after normalisation")
     if len(answer) > cfg.max_answer_chars:
         return skip("answer", f"too long ({len(answer)} > max_answer_chars={cfg.max_answer_chars})")
+    for field_, text in (("question", question), ("answer", answer)):
+        digits = _longest_digit_run(text)
+        if digits > cfg.max_number_digits:
+            return skip(field_, f"number too long ({digits} digits > max_number_digits={cfg.max_number_digits})")
     meta = json.dumps(raw.meta, sort_keys=True, ensure_ascii=False, default=str) if raw.meta else None
     return Problem.make(question, answer, source, split=raw.split or cfg.split, meta=meta), None
 
@@ -118,14 +137,20 @@ def _dedup(entries: list[tuple[int, Problem]], seen: dict[str, Problem], skipped
     return kept
 
 
+def source_location(cfg: SourceConfig) -> str:
+    """What a user reads in a message about a source: its kind and file or dataset."""
+    where = cfg.path or cfg.dataset
+    return f"{cfg.kind} {where}" if where else cfg.kind
+
+
 def _log_summary(source: str, cfg: SourceConfig, kept: int, skipped: list[SkippedRow]) -> None:
     if not skipped:
-        logger.info("source %r (%s): %d problems", source, cfg.kind, kept)
+        logger.info("source %r (%s): %d problems", source, source_location(cfg), kept)
         return
     reasons = Counter(f"{s.field or 'row'} {re.split(r' [(]|:| of ', s.reason)[0]}" for s in skipped)
     logger.warning(
         "source %r (%s): %d problems, %d rows skipped (%s); first: %s",
-        source, cfg.kind, kept, len(skipped), ", ".join(f"{r}: {n}" for r, n in reasons.most_common()),
+        source, source_location(cfg), kept, len(skipped), ", ".join(f"{r}: {n}" for r, n in reasons.most_common()),
         "; ".join(f"row {s.row} {s.field or ''} {s.reason}".replace("  ", " ") for s in skipped[:5]),
     )
 
@@ -187,6 +212,24 @@ def _check_columns(cfg: SourceConfig, available: Iterable[str], where: str) -> N
         )
 
 
+def _check_column_types(cfg: SourceConfig, schema: Any, where: str) -> None:
+    """Question and answer columns must hold text or numbers. A list, struct or binary column
+    would skip every row with the same warning; say it once, naming the column and its type."""
+    import pyarrow as pa
+
+    for role, name in (("question", cfg.columns.question), ("answer", cfg.columns.answer)):
+        kind = schema.field(name).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+                or pa.types.is_integer(kind)
+                or pa.types.is_floating(kind) or pa.types.is_decimal(kind) or pa.types.is_null(kind)):
+            raise SourceError(
+                f"column {name!r} ({role}) of {where} holds {kind}, not text or numbers; "
+                "point `columns` at a text column (or flatten the column first)"
+            )
+
+
 def _record_row(row: int, rec: dict, cfg: SourceConfig) -> RawRow:
     meta: dict[str, Any] = {"row": row}
     if cfg.columns.id and rec.get(cfg.columns.id) is not None:
@@ -199,6 +242,12 @@ def _unreadable(cfg: SourceConfig, err: Exception) -> SourceError:
     return SourceError(f"cannot read {cfg.kind} source {cfg.path}: {detail}")
 
 
+def _json_int(text: str) -> int | str:
+    """JSON integers as ints, except ones Python refuses to convert (over 4,300 digits): those stay
+    text, so that the row is reported (answer too long) instead of a ValueError naming no row."""
+    return int(text) if len(text) <= 4_000 else text
+
+
 def load_jsonl(cfg: SourceConfig) -> list[RawRow]:
     try:
         lines = Path(cfg.path).read_bytes().splitlines()
@@ -209,12 +258,15 @@ def load_jsonl(cfg: SourceConfig) -> list[RawRow]:
         if not line.strip():
             continue  # blank lines are not rows
         try:
-            rec = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+            rec = json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"), parse_int=_json_int)
         except UnicodeDecodeError as err:
             parsed.append((number, f"not UTF-8: {err.reason} at byte {err.start}"))
             continue
         except json.JSONDecodeError as err:
             parsed.append((number, f"invalid JSON: {err.msg} at column {err.colno}"))
+            continue
+        except RecursionError:
+            parsed.append((number, "invalid JSON: nested too deeply"))
             continue
         parsed.append((number, rec if isinstance(rec, dict) else f"not a JSON object ({type(rec).__name__})"))
     records = [rec for _, rec in parsed if isinstance(rec, dict)]
@@ -225,7 +277,14 @@ def load_jsonl(cfg: SourceConfig) -> list[RawRow]:
     ]
 
 
+# csv's default field limit (128 KB) would fail the whole file on one over-long cell; read such a
+# cell and let max_question_chars / max_answer_chars report its row instead.
+_CSV_FIELD_LIMIT = 64 * 1024 * 1024
+
+
 def load_csv(cfg: SourceConfig) -> list[RawRow]:
+    if csv.field_size_limit() < _CSV_FIELD_LIMIT:
+        csv.field_size_limit(_CSV_FIELD_LIMIT)
     try:
         with open(cfg.path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -245,6 +304,7 @@ def load_parquet(cfg: SourceConfig) -> Iterable[RawRow]:
     except (OSError, pa.ArrowException) as err:
         raise _unreadable(cfg, err) from None
     _check_columns(cfg, pf.schema_arrow.names, f"parquet file {cfg.path}")
+    _check_column_types(cfg, pf.schema_arrow, f"parquet file {cfg.path}")
     columns = _wanted(cfg)
     row = 0
     for batch in pf.iter_batches(batch_size=8192, columns=columns):
@@ -273,6 +333,7 @@ def load_hf(cfg: SourceConfig) -> Iterable[RawRow]:
         ds = datasets.load_dataset(cfg.dataset, cfg.subset, split=cfg.hf_split)
         where = f"hub dataset {cfg.dataset} ({cfg.subset or 'default'}, split {cfg.hf_split})"
     _check_columns(cfg, ds.column_names, where)
+    _check_column_types(cfg, ds.data.schema, where)
     columns = _wanted(cfg)
     row = 0
     for batch in ds.select_columns(columns).iter(batch_size=1024):

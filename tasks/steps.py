@@ -32,7 +32,7 @@ from stillhouse.storage.catalog import Catalog
 from stillhouse.tasks.backends.base import Progress, SamplingParams
 from stillhouse.tasks.backends.open import TRANSPORT_FIELDS, model_path, open_backend
 from stillhouse.tasks.config import RunConfig
-from stillhouse.tasks.problems import Problem
+from stillhouse.tasks.problems import Problem, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,51 @@ def _problems(table: pa.Table) -> list[Problem]:
 
 
 def pool_and_eval(catalog: Catalog, round: int) -> tuple[list[Problem], list[Problem]]:
-    """The round's training pool (every train problem introduced so far) and the eval problems."""
+    """The round's training pool (every train problem introduced so far) and the eval problems,
+    without quarantined problems (see quarantine_unfit)."""
+    quarantined = catalog.quarantined()
     problems = sorted(_problems(catalog.read("problems")), key=lambda p: p.id)
+    problems = [p for p in problems if p.id not in quarantined]
     pool = [p for p in problems if p.split == "train" and p.round_introduced <= round]
     evals = [p for p in problems if p.split == "eval"]
     return pool, evals
+
+
+def quarantine_unfit(cfg: RunConfig, round: int) -> dict[str, str]:
+    """Quarantine the problems whose prompt does not fit the teacher's context (pool) or the
+    student's (pool and eval sets), before any model work; returns {problem id: reason} of the
+    newly quarantined. They are recorded in the catalog's `quarantine` table and logged, and every
+    step's pool leaves them out, so one poisoned row (e.g. a 1 MB question already in the catalog)
+    costs itself instead of crashing every resume."""
+    from stillhouse.tasks.admission import hf_budget, unfit_problems
+    from stillhouse.tasks.prompts import solve_messages
+
+    with open_catalog(cfg, read_only=True) as cat:
+        pool, evals = pool_and_eval(cat, round)
+    if not pool and not evals:
+        return {}
+
+    def messages(p: Problem):
+        return solve_messages(p.question, cfg.prompts)
+
+    def budget(who: str, model: Any, new_tokens: int):
+        # A served model (openai) has no local config or tokenizer: its context is not checked.
+        return None if model.backend == "openai" else hf_budget(who, model, model_path(model), new_tokens, messages)
+
+    teacher = budget("teacher", cfg.teacher, cfg.sampling.max_new_tokens)
+    student = budget("student", cfg.student.model, cfg.evaluation.max_new_tokens)
+    unfit = unfit_problems(pool, [teacher] if teacher else [])
+    unfit.update(unfit_problems([p for p in pool + evals if p.id not in unfit], [student] if student else []))
+    if unfit:
+        rows = [{"problem_id": pid, "round": round, "reason": "prompt_too_long", "detail": why}
+                for pid, why in sorted(unfit.items())]
+        with open_catalog(cfg) as cat:
+            cat.add_quarantine(rows)
+        for r in rows[:20]:
+            log.warning("quarantined problem %s (round %d): %s", r["problem_id"], round, r["detail"])
+        if len(rows) > 20:
+            log.warning("... and %d more quarantined problems", len(rows) - 20)
+    return unfit
 
 
 # --------------------------------------------------------------------------- 0. seed
@@ -98,13 +138,55 @@ def seed_problems(cfg: RunConfig) -> StepResult:
         log.warning("... and %d more skipped rows", len(loaded.skipped) - 20)
     with open_catalog(cfg) as cat:
         added = cat.add_problems([p.to_row() for p in loaded.problems])
+    quarantined = quarantine_unfit(cfg, 0)
+    with open_catalog(cfg, read_only=True) as cat:
+        pool, _ = pool_and_eval(cat, 0)
+    if not pool:
+        # Fail here, in seconds, naming the sources: an empty pool would only fail later, at
+        # sampling, with an error about a cache folder.
+        held = f"; {len(quarantined)} quarantined (prompt too long)" if quarantined else ""
+        raise SourceError(f"0 training problems: {_sources_summary(cfg, loaded)}{held}; nothing to distill")
     key = parquet_io.content_hash(sorted(p.id for p in loaded.problems))
     n_eval = len(loaded.of_split("eval"))
     return StepResult(
         "seed", key, computed=added > 0,
         metrics={"problems": len(loaded.problems), "train": len(loaded.problems) - n_eval,
-                 "eval": n_eval, "added": added, "skipped_rows": len(loaded.skipped)},
+                 "eval": n_eval, "added": added, "skipped_rows": len(loaded.skipped),
+                 "quarantined": len(quarantined)},
     )
+
+
+def check_sources(cfg: RunConfig) -> str:
+    """Load the configured sources once before a run starts (no Prefect, no models): a source that
+    cannot be read, or sources that give no training problem for a new run, fail here in seconds
+    with the sources named. Returns the per-source summary. A workdir that already has a catalog
+    is left to the seed step, which also counts the pool already there."""
+    from stillhouse.tasks.sources import load_problems
+
+    loaded = load_problems(list(cfg.problems))
+    summary = _sources_summary(cfg, loaded)
+    has_catalog = cfg.catalog.uri is not None or (Path(cfg.workdir) / "catalog").exists()
+    if not has_catalog and not any(p.split == "train" for p in loaded.problems):
+        raise SourceError(f"0 training problems: {summary}; nothing to distill")
+    return summary
+
+
+def _sources_summary(cfg: RunConfig, loaded: Any) -> str:
+    """Per source: where it is, its train/eval problems, its skipped rows and the first reason."""
+    from stillhouse.tasks.sources import source_location, source_name
+
+    parts = []
+    for src in cfg.problems:
+        name = source_name(src)
+        got = [p for p in loaded.problems if p.source == name]
+        skipped = [s for s in loaded.skipped if s.source == name]
+        part = (f"source {name!r} ({source_location(src)}): {sum(p.split == 'train' for p in got)} train / "
+                f"{sum(p.split == 'eval' for p in got)} eval problems, {len(skipped)} rows skipped")
+        if skipped:
+            first = skipped[0]
+            part += f" (first: row {first.row} {first.field or 'row'}: {first.reason})"
+        parts.append(part)
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- 1. sample
@@ -114,6 +196,7 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     """The teacher answers every pool problem N times; completions cached as Parquet shards."""
     from stillhouse.tasks.prompts import solve_requests
 
+    quarantine_unfit(cfg, round)  # problems synthesized since the seed step, before any sampling
     with open_catalog(cfg, read_only=True) as cat:
         pool, _ = pool_and_eval(cat, round)
     # The round is part of each seed: a problem that stays in the pool gets fresh samples in

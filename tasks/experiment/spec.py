@@ -17,7 +17,6 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stillhouse.tasks.config import ConfigError, RunConfig, parse_config
@@ -148,12 +147,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """A mapping from a YAML file, through the bounded loader run configs use (size, aliases,
+    duplicate keys, encoding; the file named in every error)."""
+    from stillhouse.tasks.bounded_yaml import YamlFileError, load_yaml_file
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"cannot read {path}: {err.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        data = load_yaml_file(path)
+    except YamlFileError as err:
+        raise ConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must be a mapping at the top level")
     return data

@@ -15,12 +15,13 @@ import re
 import signal
 import threading
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from functools import lru_cache
 from typing import Any
 
-from stillhouse.tasks.verify.extract import MAX_ANSWER_CHARS, unwrap_boxed
+from stillhouse.tasks.verify.extract import _CODE_LIKE, MAX_ANSWER_CHARS, unwrap_boxed
 from stillhouse.tasks.verify.numbers import decimal_comma_value, numbers_equal, plain_number, trailing_unit
 
 log = logging.getLogger(__name__)
@@ -239,19 +240,23 @@ _MAX_NESTING = 20
 # takes seconds; real answers never open more than a few braces in a row.
 _BRACE_RUN = re.compile(r"\{(?:\s*\{){4,}")
 _MAX_DIGITS = 10_000  # a number with more digits than this is not a real final answer
-_NUMERIC_TOWER = re.compile(r"\d+(?:\s*(?:\^|\*\*)\s*[{(]?\s*\d+)+")
-# What a "!" applies to: "100000!", "(10^{10})!", "{10^{6}}!".
-_FACTORIAL_ARG = re.compile(r"(?:\(([^()]{1,200})\)|\{([^{}]{1,200})\}|(\d+))\s*!")
+# A power tower of literal numbers, with any grouping around the powers: "10^{10^{10}}",
+# "(10)^{(10)^{(10)}}", "(10^{10})^{10^{10}}", "2**3**4". The grouping is read as right-associative
+# powers, which can only overestimate: a tower refused here is huge either way.
+_TOWER = r"\d+(?:[)}\]\s]*(?:\^|\*\*)[\s{(\[]*\d+)*"
+_NUMERIC_TOWER = re.compile(r"\d+(?:[)}\]\s]*(?:\^|\*\*)[\s{(\[]*\d+)+")
+# What a "!" applies to: "100000!", "(10^{10})!", "{10^{6}}!", "10^{9}!", "10^{9}!!".
+_FACTORIAL_ARG = re.compile(r"(?:\(([^()]{1,200})\)|\{([^{}]{1,200})\}|(" + _TOWER + r")[)}\]\s]*)\s*!")
+# Gamma(x) is (x - 1)!: "\Gamma(10^8)", "\Gamma\left(10^{8}\right)" (sizing is normalised away).
+_GAMMA_ARG = re.compile(r"\\Gamma\s*[({\[]\s*(" + _TOWER + r")")
+# Binomial coefficients of literal numbers: "\binom{10^9}{10^5}", "{10^9 \choose 10^5}".
+_BINOM_ARGS = re.compile(
+    r"\\[dt]?binom\s*\{\s*(" + _TOWER + r")[)}\]\s]*\}\s*\{\s*(" + _TOWER + r")"
+    r"|(" + _TOWER + r")[)}\]\s]*\\choose\s*[{(]*\s*(" + _TOWER + r")"
+)
 _MAX_FACTORIAL = 100_000
 
 
-# Program text is not an answer. Math-Verify would find "=1" in "globals().update(PWNED=1)" and
-# call it correct, so code-shaped answers are refused before parsing (nothing is ever executed).
-_CODE_LIKE = re.compile(
-    r"__|\bimport\s+\w|(?<!\\)\blambda\b|"  # not LaTeX's \lambda
-    r"(?<!\\)\b(?:exec|eval|compile|globals|locals|getattr|setattr|open|system|popen|print)\s*\(|"
-    r"\)\s*\.\s*[A-Za-z_]\w*\s*\(|\b[A-Za-z_]\w*\.[A-Za-z_]\w*\s*\("
-)
 
 
 def _tower_log10(nums: list[int]) -> float:
@@ -268,8 +273,34 @@ def _tower_log10(nums: list[int]) -> float:
     return log_value
 
 
+def _tower_value_log10(text: str) -> float:
+    """log10 of a `_TOWER` match ("10^{9}" -> 9.0, "7" -> 0.845...)."""
+    return _tower_log10([int(x) for x in re.findall(r"\d+", text)])
+
+
+def _binom_log10(n_log: float, k_log: float) -> float:
+    """log10 of C(n, k) for n = 10**n_log, k = 10**k_log; inf when astronomically large."""
+    if n_log > 300 or k_log > 300:
+        return math.inf
+    n, k = 10.0**n_log, 10.0**k_log
+    if k > n:
+        return 0.0  # C(n, k) = 0 for k > n
+    k = min(k, n - k)
+    if n < 1e15:
+        return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)) / math.log(10)
+    return k * n_log  # an upper bound: C(n, k) <= n**k
+
+
 def _pathology(s: str) -> str | None:
-    """Why a (normalised) answer is unsafe to hand to sympy, or None. Cheap; O(len(s))."""
+    """Why a (normalised) answer is unsafe to hand to sympy, or None. Cheap; O(len(s)).
+
+    Screened after NFKC normalisation, so that full-width or other compatibility forms of code
+    ("(ｌａｍｂｄａ: 1)()") are caught like their ASCII forms.
+
+    >>> _pathology("\\\\binom{10^9}{10^5}"), _pathology("\\\\binom{10}{3}")
+    ('binomial coefficient with more than 10000 digits', None)
+    """
+    s = unicodedata.normalize("NFKC", s)
     if _CODE_LIKE.search(s):
         return "looks like program code, not an answer"
     depth = deepest = 0
@@ -292,6 +323,13 @@ def _pathology(s: str) -> str | None:
         nums = [int(x) for x in re.findall(r"\d+", arg)]
         if _tower_log10(nums) > math.log10(_MAX_FACTORIAL):
             return f"factorial of a number above {_MAX_FACTORIAL}"
+    for m in _GAMMA_ARG.finditer(s):
+        if _tower_value_log10(m.group(1)) > math.log10(_MAX_FACTORIAL):
+            return f"Gamma function of a number above {_MAX_FACTORIAL}"
+    for m in _BINOM_ARGS.finditer(s):
+        n, k = (g for g in m.groups() if g is not None)
+        if _binom_log10(_tower_value_log10(n), _tower_value_log10(k)) > _MAX_DIGITS:
+            return f"binomial coefficient with more than {_MAX_DIGITS} digits"
     return None
 
 
@@ -400,9 +438,12 @@ def _symbolic_match(pred: str, ref: str, timeout_s: float | None) -> tuple[bool,
         problem = _pathology(text)
         if problem:
             return False, f"{side} refused: {problem}"
+    # Imported before the time limit starts: importing sympy can take seconds on a loaded machine,
+    # and a timeout inside the import would leave a half-imported module that fails every later
+    # item of this process ("module 'math_verify' has no attribute 'grader'").
+    mv, _ = _math_verify()
     try:
         with _time_limit(timeout_s):
-            mv, _ = _math_verify()
             gold = _parse(ref)
             if not gold:
                 return False, "reference could not be parsed"

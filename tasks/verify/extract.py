@@ -28,6 +28,7 @@ math spans joined by "and"/"or" becomes one list. Policies for ambiguous forms: 
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 from stillhouse.tasks.verify.numbers import NUMBER_IN_TEXT
@@ -63,6 +64,18 @@ class Extraction:
 
 
 _NONE = Extraction(None, None, False)
+
+# Program text is not an answer. Math-Verify would find "=1" in "globals().update(PWNED=1)" and
+# call it correct, so code-shaped answers are refused before parsing (nothing is ever executed).
+_CODE_LIKE = re.compile(
+    r"__|\bimport\s+\w|(?<!\\)\blambda\b|"  # not LaTeX's \lambda
+    r"(?<!\\)\b(?:exec|eval|compile|globals|locals|getattr|setattr|open|system|popen|print)\s*\(|"
+    r"\)\s*\.\s*[A-Za-z_]\w*\s*\(|\b[A-Za-z_]\w*\.[A-Za-z_]\w*\s*\(|"
+    # A call with no arguments ("(foo: 1)()", "f()") and Python's walrus: never a math answer, and
+    # Math-Verify would read the 1 of "(foo: 1)()" as the whole answer.
+    r"\(\s*\)|:="
+)
+
 
 # --------------------------------------------------------------------------- boxed
 
@@ -271,6 +284,10 @@ def _finish(answer: str, method: str, format_ok: bool = True) -> Extraction | No
         inner = _extract_boxed(answer)
         if inner is not None and inner.answer:
             return Extraction(inner.answer, method, format_ok)
+        if inner is None:
+            # "The answer is \boxed{42" (never closed: a cut-off or garbled reply) is no answer in
+            # any format: Math-Verify would close the box itself and call it correct.
+            return Extraction(None, method, False, "unclosed \\boxed{...} in the answer")
     return Extraction(answer, method, format_ok)
 
 
@@ -442,6 +459,12 @@ def _extract_last_number(text: str) -> Extraction | None:
         # Not sure what the answer is: no answer (reward 0) beats a fragment such as the 9 of
         # \frac{10}{9}. A false positive is worse than a miss.
         return Extraction(None, "last_number", False, "last number is part of a LaTeX expression")
+    line_start = tail.rfind("\n", 0, m.start()) + 1
+    line_end = tail.find("\n", m.end())
+    line = tail[line_start : line_end if line_end >= 0 else len(tail)]
+    if _CODE_LIKE.search(unicodedata.normalize("NFKC", line)):
+        # "(foo: 1)()": the 1 of a line of program text is not an answer to the problem.
+        return Extraction(None, "last_number", False, "last number is part of program code")
     return _finish(m.group(), "last_number", format_ok=False)
 
 

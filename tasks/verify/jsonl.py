@@ -21,6 +21,16 @@ def _row_error(row: dict[str, Any], message: str) -> dict[str, Any]:
     return {**row, "extracted": None, "correct": False, "reward": 0.0, "error": message}
 
 
+# Python refuses to turn more than 4300 digits into an int (sys.int_info.str_digits_check_threshold)
+# and json.loads raises for such a number. Keep long integer literals as their text instead: a
+# 5,001-digit reference is then scored like any other (refused as too long, with a reason).
+_MAX_INT_DIGITS = 4000
+
+
+def _json_int(text: str) -> int | str:
+    return int(text) if len(text) <= _MAX_INT_DIGITS else text
+
+
 def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, VerifyItem]]]:
     """Output rows (bad ones already filled in) and (row position, item) for the good ones."""
     try:
@@ -33,9 +43,11 @@ def _read_rows(path: Path) -> tuple[list[dict[str, Any]], list[tuple[int, Verify
         if not line.strip():
             continue
         try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            out.append(_row_error({"row": lineno}, f"row {lineno}: invalid JSON ({exc})"))
+            row = json.loads(line.decode("utf-8"), parse_int=_json_int)
+        except (ValueError, RecursionError) as exc:
+            # ValueError covers UnicodeDecodeError and JSONDecodeError; RecursionError is JSON
+            # nested thousands deep. One bad line costs its row, never the file.
+            out.append(_row_error({"row": lineno}, f"row {lineno}: invalid JSON ({type(exc).__name__}: {exc})"[:500]))
             continue
         if not isinstance(row, dict):
             out.append(_row_error({"row": lineno}, f"row {lineno}: not a JSON object"))

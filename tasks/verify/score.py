@@ -36,6 +36,7 @@ worker processes have their own main thread and the full protection.
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -137,6 +138,9 @@ def score_samples(
     (None = one per available core, 0 = in this process: see the module docstring for the
     time-limit trade-off). cache: check each distinct (answer, reference) pair once per call.
     """
+    if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s) and timeout_s > 0):
+        # A negative or NaN limit would time every item out at once and mark it wrong, silently.
+        raise ValueError(f"timeout_s must be a positive, finite number of seconds, got {timeout_s!r}")
     items = list(items)
     if items and workers != 0 and not multiprocessing.current_process().daemon:
         _prestart_workers_context()

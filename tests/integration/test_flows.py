@@ -162,6 +162,29 @@ def test_artifacts_are_published(smoke_run):
     assert {"teacher accuracy", "student accuracy", "easy", "hard", "train loss"} <= metrics
 
 
+def test_a_non_ascii_run_name_runs_and_publishes_its_artifacts(smoke_run, tmp_path):
+    """Issue 16: "Präzision" kept its "ä" in the artifact key; Prefect refused it after all of
+    round 0's model work, on every rerun. A rerun of the finished smoke run (no model work)
+    under that name now finishes and publishes valid keys."""
+    from prefect.client.orchestration import get_client
+
+    from stillhouse.flows.monitoring import artifact_key
+
+    cfg, history, _, _ = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(cfg.workdir, workdir)
+    renamed = load_config(SMOKE, workdir=str(workdir), run_name="Präzision")
+    again = _run(renamed)
+    assert [m["round"] for m in again] == [m["round"] for m in history]
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    expected = {artifact_key("Präzision-round-0"), artifact_key("Präzision-round-1"), artifact_key("Präzision-report")}
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(expected))))
+    assert {a.key for a in found} == expected
+    assert all(k.startswith("prazision-") for k in expected)
+
+
 def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, monkeypatch):
     cfg, _, _, _ = smoke_run
     workdir = tmp_path / "copy"

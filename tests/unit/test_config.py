@@ -92,3 +92,61 @@ def test_config_is_frozen():
     cfg = parse_config(MINIMAL)
     with pytest.raises(Exception):
         cfg.sampling.n = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- bounded YAML (issue 16)
+
+SMOKE = (Path(__file__).parents[2] / "configs" / "smoke.yaml").read_text()
+
+
+def _bomb(indent: str = "") -> str:
+    """Billion laughs: 9 levels of 9 aliases, 9^9 values once expanded, 1 KB of YAML."""
+    lines = [f'{indent}a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{indent}a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "name, text, reason",
+    [
+        # The bomb inside a free-form dict field used to pass validation and hang the run.
+        ("nested-bomb", SMOKE.replace("teacher:\n", "teacher:\n  vllm_engine_args:\n" + _bomb("    "), 1),
+         "values once YAML aliases are expanded"),
+        ("top-bomb", _bomb() + SMOKE, "values once YAML aliases are expanded"),
+        ("many-aliases", "x: &x 1\nys: [" + ", ".join(["*x"] * 2000) + "]\n" + SMOKE, "more than 1000 YAML aliases"),
+        ("self-alias", SMOKE + "loop: &l [*l]\n", "refers to a node that contains it"),
+        ("duplicate-top", SMOKE + "rounds: 30\n", "duplicate key 'rounds' at line"),
+        ("duplicate-nested", SMOKE.replace("sampling:\n", "sampling:\n  n: 2\n  n: 3\n", 1), "duplicate key 'n'"),
+        ("deep", "x: " + "[" * 100_000 + "]" * 100_000 + "\n", "nested too deeply"),
+    ],
+)
+def test_hostile_yaml_is_refused_naming_the_file(tmp_path, name, text, reason):
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(f) in str(err.value) and reason in str(err.value), str(err.value)
+
+
+def test_oversized_and_non_utf8_configs_are_refused_naming_the_file(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text(SMOKE + "# " + "x" * 2_000_000 + "\n")
+    with pytest.raises(ConfigError, match=f"{big} is larger than 1,000,000 bytes"):
+        load_config(big)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(SMOKE.encode() + "run_name: Pr\xe4zision\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"{latin} is not UTF-8 text"):
+        load_config(latin)
+
+
+def test_merge_keys_and_shared_sections_still_load(tmp_path):
+    """Aliases and `<<` merges (overriding a merged key is not a duplicate) keep working."""
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "problems: [{kind: arithmetic}]\n"
+        "teacher: &m {name_or_path: tiny-tutor, dtype: float32}\n"
+        "student: {model: {<<: *m, dtype: auto}}\n"
+    )
+    cfg = load_config(f)
+    assert (cfg.teacher.name_or_path, cfg.teacher.dtype) == ("tiny-tutor", "float32")
+    assert (cfg.student.model.name_or_path, cfg.student.model.dtype) == ("tiny-tutor", "auto")

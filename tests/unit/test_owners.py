@@ -53,6 +53,8 @@ def test_dtype_float16_loads_for_generation_and_is_refused_for_training():
     "stillhouse.tasks.weights",
     "stillhouse.tasks.evaluation",
     "stillhouse.tasks.redact",
+    "stillhouse.tasks.bounded_yaml",
+    "stillhouse.tasks.admission",
 ])
 def test_docstring_examples_run(module):
     result = doctest.testmod(importlib.import_module(module))

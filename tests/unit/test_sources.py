@@ -389,3 +389,67 @@ def test_arithmetic_config_rejects_mul_only_multistep():
             "teacher": {"name_or_path": "t"}, "student": {"model": {"name_or_path": "s"}},
         })
     SourceConfig(kind="arithmetic", operations=["mul"], steps=1)  # one step of mul is fine
+
+
+# --------------------------------------------------------------------------- limits (issue 16)
+
+
+def test_a_5001_digit_json_answer_is_a_skipped_row_not_a_value_error(tmp_path, caplog):
+    """json.loads raised "Exceeds the limit (4300 digits)" out of the loader, naming no file or row."""
+    path = tmp_path / "big.jsonl"
+    path.write_text(
+        '{"question": "What is 1+1?", "answer": 2}\n'
+        '{"question": "How big?", "answer": ' + "9" * 5001 + "}\n"
+        '{"question": "How big as text?", "answer": "' + "9" * 5001 + '"}\n'
+        + "[" * 100_000 + "\n"
+    )
+    with caplog.at_level(logging.WARNING):
+        res = load_problems([SourceConfig(kind="jsonl", path=str(path))])
+    assert [p.answer for p in res.problems] == ["2"]
+    assert [(s.row, s.field) for s in res.skipped] == [(2, "answer"), (3, "answer"), (4, None)]
+    assert res.skipped[0].reason == "too long (5001 > max_answer_chars=200)"
+    assert res.skipped[2].reason == "invalid JSON: nested too deeply"
+    assert str(path) in caplog.text  # the file, not only the source label, is named
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "parquet"])
+def test_question_length_and_number_size_limits_name_row_and_field(tmp_path, kind):
+    rows = [
+        {"question": "What is 1+1?", "answer": "2"},
+        {"question": "Q " * 600_000, "answer": "3"},  # the 1.2 MB question of the issue
+        {"question": "What is " + "7" * 150 + " + 1?", "answer": "4"},
+        {"question": "What is 2+2?", "answer": "4"},
+    ]
+    path = WRITERS[kind](tmp_path / f"lim.{kind}", rows)
+    res = load_problems([SourceConfig(kind=kind, path=str(path))])
+    assert [p.question for p in res.problems] == ["What is 1+1?", "What is 2+2?"]
+    assert [(s.source, s.row, s.field) for s in res.skipped] == [("lim", 2, "question"), ("lim", 3, "question")]
+    assert "max_question_chars=8000" in res.skipped[0].reason
+    assert "150 digits > max_number_digits=100" in res.skipped[1].reason
+    # The limits are configurable.
+    res = load_problems([SourceConfig(kind=kind, path=str(path), max_question_chars=2_000_000, max_number_digits=200)])
+    assert len(res.problems) == 4
+
+
+@pytest.mark.parametrize(
+    "column, values",
+    [
+        ("question", [["a", "b"], ["c"]]),  # list
+        ("answer", [b"\x00\x01", b"\x02"]),  # binary
+        ("question", [{"text": "a"}, {"text": "b"}]),  # struct
+    ],
+)
+def test_parquet_columns_that_are_not_text_are_one_clear_error(tmp_path, column, values):
+    rows = [{"question": "What is 1+1?", "answer": "2"}, {"question": "What is 2+2?", "answer": "4"}]
+    rows = [{**r, column: v} for r, v in zip(rows, values)]
+    path = write_parquet(tmp_path / "typed.parquet", rows)
+    with pytest.raises(SourceError) as err:
+        load_problems([SourceConfig(kind="parquet", path=str(path))])
+    msg = str(err.value)
+    assert f"column {column!r} ({column})" in msg and str(path) in msg and "not text or numbers" in msg
+
+
+def test_numeric_parquet_answers_still_load(tmp_path):
+    path = write_parquet(tmp_path / "num.parquet", [{"question": "What is 1+1?", "answer": 2},
+                                                    {"question": "What is 2+2?", "answer": 4}])
+    assert [p.answer for p in load_problems([SourceConfig(kind="parquet", path=str(path))]).problems] == ["2", "4"]

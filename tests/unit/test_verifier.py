@@ -310,6 +310,34 @@ def test_model_text_is_never_executed(tmp_path, monkeypatch):
     del score.__dict__["_INJECTION_MARKER"]
 
 
+@pytest.mark.parametrize(
+    "answer",
+    ["(10)^{(10)^{(10)}}", "10^{9}!", "10^{9}!!", "\\binom{10^9}{10^5}", "{10^9 \\choose 10^5}",
+     "\\Gamma(10^8)", "\\Gamma\\left(10^{8}\\right)", "(10^{10})^{10^{10}}"],
+)
+def test_prescreen_refuses_huge_values_before_math_verify(answer, monkeypatch):
+    """Issue 16: these used to pass the pre-screen and cost the whole time limit each. Math-Verify
+    must not even be asked (it would be, and hang until the limit, without the screen)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Math-Verify parse reached for a pathological answer")
+
+    monkeypatch.setattr(equivalence, "_parse", forbidden)
+    ok, err = answers_match(answer, "5", timeout_s=30.0)
+    assert not ok and err and err.startswith("answer refused:"), err
+
+
+@pytest.mark.parametrize("answer", ["(foo: 1)()", "(\uff4c\uff41\uff4d\uff42\uff44\uff41: 1)()", "f()", "(x := 1)"])
+def test_code_shaped_answers_are_refused_after_nfkc(answer):
+    ok, err = answers_match(answer, "1", timeout_s=5.0)
+    assert not ok and err and "program code" in err
+
+
+def test_unclosed_box_after_a_phrase_gets_neither_credit_nor_format_bonus():
+    (res,) = score_samples([("The answer is \\boxed{42", "42")], workers=0)
+    assert (res.correct, res.format_ok, res.extracted) == (False, False, None)
+    assert "unclosed" in res.error
+
+
 # --------------------------------------------------------------------------- pool and guards
 
 
