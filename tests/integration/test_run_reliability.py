@@ -168,7 +168,7 @@ def test_bad_inputs_fail_before_prefect_starts(env, tmp_path):
     config = tmp_path / "missing-source.yaml"
     config.write_text(yaml.safe_dump(data))
     cases = {
-        "missing source": ([str(config)], "missing.jsonl does not exist"),
+        "missing source": ([str(config)], "missing.jsonl: No such file or directory"),
         "absurd --rounds": ([str(SMOKE), "--workdir", str(tmp_path / "r"), "--rounds", "100000000000000000000"],
                             "rounds: Input should be less than or equal to 1000"),
     }
