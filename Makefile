@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 UV     := $(VENV)/bin/uv
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-unit test-integration demo smoke ui bench clean lock
+.PHONY: venv system-deps test test-unit test-integration demo smoke ui bench clean lock
 
 venv: $(STAMP)
 
@@ -50,7 +50,11 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 MODELS_DIR ?= $(HOME)/.cache/stillhouse/models
 export STILLHOUSE_MODELS_DIR := $(MODELS_DIR)
 
-test: $(STAMP)
+# Debian packages beyond the wheels (deployment/apt-packages.txt): installed when root, else listed.
+system-deps:
+	bash deployment/system-deps.sh
+
+test: $(STAMP) system-deps
 	$(PY) -m pytest -m "not vllm"
 
 test-unit: $(STAMP)
