@@ -61,6 +61,11 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
 
+# `stillhouse run` stopped before a teacher step that would go past cost.max_teacher_tokens or
+# cost.max_cost: nothing failed, nothing is lost; raising the budget and rerunning continues.
+BUDGET_EXIT = 3
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
     import shlex
@@ -84,20 +89,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
             history = run(cfg)
     except BaseException as exc:
-        signum = stop_signal(exc)
-        if signum is None:
-            raise
+        from stillhouse.tasks.ledger import BudgetExhausted
+
         again = ["stillhouse", "run", args.config]
         again += ["--workdir", args.workdir] if args.workdir else []
         again += ["--rounds", str(args.rounds)] if args.rounds is not None else []
+        if isinstance(exc, BudgetExhausted):
+            log.error("%s Resume with: %s", exc, shlex.join(again))
+            return BUDGET_EXIT
+        signum = stop_signal(exc)
+        if signum is None:
+            raise
         log.warning("stopped by %s; finished work is kept in %s. Resume with: %s",
                     signal.Signals(signum).name, cfg.workdir, shlex.join(again))
         return 128 + signum
     wall = time.monotonic() - started
     model = sum(m.get("model_seconds", 0.0) for m in history)
-    from stillhouse.tasks.report import build_report
-
-    md, html_path = build_report(cfg.workdir, cfg.run_name)
+    html_path = Path(cfg.workdir) / "report" / "report.html"  # written by the flow after each round
     where = "ephemeral server (run `stillhouse ui` for the UI)" if own_server else os.environ["PREFECT_API_URL"]
     print(f"rounds:  {len(history)} finished")
     for m in history:
@@ -154,23 +162,58 @@ def _open_catalog(workdir: str):
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from stillhouse.tasks.report import round_summaries
+    """The run's story in the terminal: the same numbers as the round pages in the Prefect UI."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from stillhouse.tasks.evaluation import accuracy_text
+    from stillhouse.tasks.ledger import read_ledger, spent
+    from stillhouse.tasks.report import base_summary, round_summaries
+    from stillhouse.tasks.run_view import num
 
     with _open_catalog(args.workdir) as cat:
         status = cat.status()
         quarantined = cat.quarantined()
     done = {m["round"]: m for m in round_summaries(args.workdir)}
-    print(f"{status.workdir}  (current snapshot {status.current_snapshot})")
-    print(f"{'round':>5}  {'status':<10} {'version':>7} {'problems':>8} {'samples':>8}  steps")
+    base = base_summary(args.workdir)
+    # Piped (a log, a test, `| less`): wide enough that no cell wraps; a terminal: its own width.
+    console = Console(width=args.width or (None if sys.stdout.isatty() else 200))
+    console.print(f"[bold]{status.workdir}[/bold]  (current snapshot {status.current_snapshot})")
+
+    def overall(m: dict) -> str:
+        total = m.get("eval_total") or sum((m.get("eval_counts") or {}).values())
+        return accuracy_text(m.get("student_overall"), total)
+
+    t = Table(title="rounds", title_justify="left")
+    for col in ("round", "status", "snapshot", "pool (+added)", "teacher acc", "student acc [95% CI] n",
+                "easy/mid/hard", "new problems", "teacher tokens", "model s", "wall s", "cost", "steps"):
+        t.add_column(col, justify="left" if col in ("status", "steps", "student acc [95% CI] n") else "right")
+    if base:
+        t.add_row("base", "untrained", "-", "-", "-", overall(base), "-", "-", "-", "-", "-", "-", "-")
     for r in status.rounds:
         m = done.get(r.round)
-        steps = "complete" if m else "in progress"
-        print(f"{r.round:>5}  {r.status:<10} {r.snapshot_id if r.snapshot_id is not None else '-':>7} "
-              f"{r.problems:>8} {r.samples:>8}  {steps}")
+        if m is None:
+            t.add_row(str(r.round), r.status, num(r.snapshot_id), num(r.problems), "-", "-", "-", "-", "-", "-",
+                      "-", "-", "in progress")
+            continue
+        added = m.get("pool_added")
+        tokens = (m.get("teacher_tokens_in") or 0) + (m.get("teacher_tokens_out") or 0)
+        steps = "found complete on rerun" if not m.get("steps_computed") and m.get("rerun_wall_seconds") \
+            else "complete"
+        t.add_row(str(r.round), r.status, num(r.snapshot_id),
+                  f"{num(m.get('pool'))} ({'seed' if added is None else f'{added:+,}'})",
+                  num(m.get("teacher_accuracy")), overall(m),
+                  f"{num(m.get('easy'))}/{num(m.get('mid'))}/{num(m.get('hard'))}",
+                  "last round" if m.get("last_round") else num(m.get("synth_kept")),
+                  num(tokens), num(m.get("model_seconds"), 1), num(m.get("wall_seconds"), 1),
+                  num(m.get("cost"), 4), steps)
+    console.print(t)
+    tokens, cost = spent(read_ledger(args.workdir))
+    console.print(f"teacher so far: {tokens:,} tokens, cost {cost:.4f} (ledger: rounds/ledger.json)")
     if quarantined:
-        print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table `quarantine`)")
+        console.print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table `quarantine`)")
         for pid, q in list(quarantined.items())[:10]:
-            print(f"  {pid}  round {q['round']}  {q['reason']}: {q['detail']}")
+            console.print(f"  {pid}  round {q['round']}  {q['reason']}: {q['detail']}", markup=False)
     return 0
 
 
@@ -415,8 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=None, help="Experiment directory (overrides the file's).")
     p.set_defaults(func=_cmd_experiment)
 
-    p = sub.add_parser("status", help="Rounds, versions and steps of a run directory.")
+    p = sub.add_parser("status", help="A run directory's rounds: versions, accuracies with intervals, "
+                       "the pool's accounting, costs.")
     p.add_argument("workdir")
+    p.add_argument("--width", type=int, default=None, help="Table width in characters (default: the terminal's).")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("diff", help="What changed between two rounds' dataset versions.")

@@ -9,13 +9,11 @@ from typing import Any
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
-    create_table_artifact,
     update_progress_artifact,
 )
 from tqdm.auto import tqdm
 
 from stillhouse.flows.lifecycle import safe_point
-from stillhouse.tasks.evaluation import accuracy_text
 
 log = logging.getLogger(__name__)
 
@@ -85,59 +83,12 @@ class ProgressReporter:
             self._bar.close()
 
 
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return round(v, 4)
-    if isinstance(v, dict):
-        return ", ".join(f"{k}={_fmt(x)}" for k, x in v.items())
-    return v
+def publish_round(label: str, markdown: str, round: int) -> None:
+    """The round's page: a Markdown artifact keyed by the run's label and the round."""
+    create_markdown_artifact(key=artifact_key(f"{label}-round-{round}"), markdown=markdown,
+                             description=f"{label}: round {round}")
 
 
-ROUND_COLUMNS = [
-    ("pool", "pool size"), ("samples", "samples"), ("teacher_accuracy", "teacher accuracy"),
-    ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |weight|"),
-    ("train_loss", "train loss"), ("tokens_per_s", "train tokens/s"),
-    ("student_accuracy", "student accuracy"), ("same_answers_as_base", "eval answers as untrained"),
-    ("easy", "easy"), ("hard", "hard"),
-    ("synth_generated", "synthesized"), ("synth_kept", "kept"), ("synth_dropped", "dropped"),
-]
-
-
-def _student_accuracy(metrics: dict[str, Any]) -> dict[str, str]:
-    counts = metrics.get("eval_counts") or {}
-    return {s: accuracy_text(a, counts.get(s)) for s, a in (metrics.get("student_accuracy") or {}).items()}
-
-
-def publish_round(run_name: str, round: int, metrics: dict[str, Any]) -> None:
-    shown = {**metrics, "student_accuracy": _student_accuracy(metrics)}
-    rows = [{"metric": label, "value": _fmt(shown.get(name))} for name, label in ROUND_COLUMNS]
-    create_table_artifact(
-        key=artifact_key(f"{run_name}-round-{round}"),
-        table=rows,
-        description=f"{run_name}: round {round} summary",
-    )
-
-
-def accuracy_markdown(run_name: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
-    sets = sorted({s for m in [*history, base or {}] for s in (m.get("student_accuracy") or {})})
-    head = "| round | teacher acc | " + " | ".join(f"student {s}" for s in sets) + " | easy | hard | new |"
-    sep = "|" + "---|" * (head.count("|") - 1)
-    lines = [f"# {run_name}: accuracy across rounds", "", head, sep]
-    if base:
-        acc = _student_accuracy(base)
-        lines.append("| base (untrained) | - | " + " | ".join(acc.get(s, "-") for s in sets) + " | - | - | - |")
-    for m in history:
-        acc = _student_accuracy(m)
-        cells = [str(m["round"]), f"{m.get('teacher_accuracy', 0):.3f}"]
-        cells += [acc.get(s, "-") for s in sets]
-        cells += [str(m.get("easy", "-")), str(m.get("hard", "-")), str(m.get("synth_kept", "-"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def publish_report(run_name: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> None:
-    create_markdown_artifact(
-        key=artifact_key(f"{run_name}-report"),
-        markdown=accuracy_markdown(run_name, history, base),
-        description=f"{run_name}: accuracy curve",
-    )
+def publish_report(label: str, markdown: str) -> None:
+    create_markdown_artifact(key=artifact_key(f"{label}-report"), markdown=markdown,
+                             description=f"{label}: accuracy across rounds")

@@ -697,6 +697,16 @@ class Catalog:
         ).to_arrow_table()
         return {r["round"]: r for r in rows.to_pylist()}
 
+    def committed_config_hash(self, round: int) -> str | None:
+        """The config hash round `round` was committed with (None if it is not committed)."""
+        row = self._rounds_rows().get(round)
+        return None if row is None else row["config_hash"]
+
+    def round_metrics(self, round: int) -> dict[str, Any] | None:
+        """The metrics recorded with round `round`'s commit (None if it is not committed)."""
+        row = self._rounds_rows().get(round)
+        return None if row is None else json.loads(row["metrics"])
+
     def _committed_rounds(self) -> dict[int, int]:
         return {r: int(row["snapshot_id"]) for r, row in self._rounds_rows().items()}
 

@@ -451,6 +451,37 @@ class CatalogConfig(_Section):
     )
 
 
+class CostConfig(_Section):
+    """The run's cost ledger (rounds/ledger.json) and an optional budget on the teacher's use.
+
+    Teacher tokens (prompt + completion) are what a served teacher bills; the budget stops the run
+    cleanly before a teacher step that would go past it (sampling: estimated from the tokens per
+    request of the run's earlier sampling, else from max_new_tokens), and the run resumes where it
+    stopped once the budget is raised."""
+
+    input_price_per_million: float = Field(
+        0.0, ge=0, description="Price of one million teacher prompt tokens (e.g. an OpenAI-compatible "
+        "API's list price, in any currency); 0 = not priced.",
+    )
+    output_price_per_million: float = Field(
+        0.0, ge=0, description="Price of one million teacher completion tokens; 0 = not priced.",
+    )
+    max_teacher_tokens: int | None = Field(
+        None, ge=1, description="Budget: teacher tokens (prompt + completion) over the whole run; "
+        "None = no token budget.",
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="Budget: teacher cost over the whole run, in the prices' currency "
+        "(needs a price); None = no money budget.",
+    )
+
+    @model_validator(mode="after")
+    def _priced_if_money_budget(self) -> CostConfig:
+        if self.max_cost is not None and not (self.input_price_per_million or self.output_price_per_million):
+            raise ValueError("max_cost needs input_price_per_million or output_price_per_million")
+        return self
+
+
 # A bound, not a target: each round adds a catalog version and a trained adapter, so a number past
 # this is a typo (or `--rounds 100000000000000000000`), not a plan.
 MAX_ROUNDS = 1000
@@ -498,6 +529,9 @@ class RunConfig(_Section):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="Prompt templates.")
     catalog: CatalogConfig = Field(
         default_factory=CatalogConfig, description="Where the versioned datasets (DuckLake) live."
+    )
+    cost: CostConfig = Field(
+        default_factory=CostConfig, description="Teacher token prices and an optional run budget."
     )
 
     @field_validator("run_name")

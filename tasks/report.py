@@ -48,6 +48,12 @@ def record_round(workdir: str | Path, round: int, metrics: dict[str, Any]) -> Pa
     return parquet_io.write_json_atomic(metrics, Path(workdir) / "rounds" / f"round-{round}.json")
 
 
+def round_summary(workdir: str | Path, round: int) -> dict[str, Any] | None:
+    """Round `round`'s recorded summary, or None when it has none yet."""
+    path = Path(workdir) / "rounds" / f"round-{round}.json"
+    return _read_summary(path) if path.is_file() else None
+
+
 def record_base(workdir: str | Path, metrics: dict[str, Any]) -> Path:
     """The untrained student's accuracies (rounds/base.json, beside the rounds' summaries)."""
     return parquet_io.write_json_atomic(metrics, Path(workdir) / "rounds" / "base.json")
@@ -77,8 +83,14 @@ def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[floa
     ax.plot(rounds, [m.get("teacher_accuracy") for m in history], marker="o", label="teacher (samples)")
     sets = sorted({s for m in history for s in (m.get("student_accuracy") or {})})
     for s in sets:
-        ax.plot(rounds, [(m.get("student_accuracy") or {}).get(s) for m in history], marker="s",
-                label=f"student: {s}")
+        # Each accuracy with its 95% interval: at a few dozen eval problems the bars are what
+        # says whether a round's change is a change.
+        acc = [(m.get("student_accuracy") or {}).get(s) for m in history]
+        cis = [(m.get("student_accuracy_ci") or {}).get(s) for m in history]
+        err = [[a - ci[0] if a is not None and ci else 0 for a, ci in zip(acc, cis)],
+               [ci[1] - a if a is not None and ci else 0 for a, ci in zip(acc, cis)]]
+        ax.errorbar(rounds, [a if a is not None else float("nan") for a in acc], yerr=err, marker="s",
+                    capsize=3, label=f"student: {s} (95% CI)")
     ax.plot(rounds, [m.get("pool_mean_pass_rate") for m in history], marker="^", ls="--",
             label="student pass rate (pool)")
     if base and base.get("student_overall") is not None:

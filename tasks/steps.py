@@ -28,10 +28,11 @@ from typing import Any
 import pyarrow as pa
 
 from stillhouse.storage import parquet_io
-from stillhouse.storage.catalog import Catalog
+from stillhouse.storage.catalog import Catalog, RoundCommittedError
 from stillhouse.tasks.backends.base import Progress, SamplingParams
 from stillhouse.tasks.backends.open import TRANSPORT_FIELDS, model_path, open_backend
 from stillhouse.tasks.config import RunConfig
+from stillhouse.tasks.ledger import check_budget
 from stillhouse.tasks.problems import Problem, SourceError
 
 log = logging.getLogger(__name__)
@@ -204,14 +205,17 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
     requests = solve_requests(pool, cfg.sampling.n, cfg.sampling.seed, cfg.prompts, seed_scope=f"round-{round}/")
     params = SamplingParams.from_config(cfg.sampling)
     with open_backend(cfg.teacher, cache_dir(cfg), step="teacher", batch_size=cfg.sampling.batch_size) as teacher:
+        # Only what is still to generate counts against the budget: a resumed round's finished
+        # shards are paid for already.
+        check_budget(cfg, f"round {round}'s teacher sampling", teacher.pending(requests, params))
         completions = teacher.sample(requests, params, progress)
     out = teacher.call_dir(requests, params)
-    tokens = sum(c.completion_tokens for c in completions)
     return StepResult(
         "sample", out.name, str(out), computed=teacher.generated > 0,
         metrics={"pool": len(pool), "samples": len(completions), "generated": teacher.generated,
-                 "teacher_call": out.name,
-                 "completion_tokens": tokens, "model_seconds": teacher.model_seconds},
+                 "teacher_call": out.name, "requests": len(requests),
+                 "prompt_tokens": teacher.prompt_tokens, "completion_tokens": teacher.completion_tokens,
+                 "model_seconds": teacher.model_seconds},
     )
 
 
@@ -311,12 +315,56 @@ def commit_version(cfg: RunConfig, round: int, weighted: StepResult, metrics: di
             }
             for r in table.to_pylist()
         ]
-        if any(r.round == round and r.status == "committed" for r in cat.status().rounds):
+        # The settings that shape the dataset go into the commit's record, so that a later change
+        # can be named field by field instead of by two content hashes.
+        metrics = {**metrics, "dataset_inputs": dataset_inputs(cfg)}
+        committed = cat.round_metrics(round)
+        if committed is not None:
+            if cat.committed_config_hash(round) != weighted.key:
+                raise RoundCommittedError(_changed_message(cfg, round, committed, cat.round_snapshot(round)))
             snapshot = cat.commit_round(round, metrics, config_hash=weighted.key)
             return StepResult("version", weighted.key, None, False, {"snapshot": snapshot, "added": 0})
         added = cat.add_samples(rows)
         snapshot = cat.commit_round(round, metrics, config_hash=weighted.key)
     return StepResult("version", weighted.key, None, True, {"snapshot": snapshot, "added": added})
+
+
+DATASET_SECTIONS = ("problems", "teacher", "sampling", "prompts", "verifier", "rewards", "weighting")
+
+
+def dataset_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """The config fields that shape a round's dataset, flat ("rewards.format" -> value)."""
+    def flat(prefix: str, value: Any, out: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+        else:
+            out[prefix] = value
+        return out
+
+    return flat("", cfg.section_dict(*DATASET_SECTIONS), {})
+
+
+def _changed_message(cfg: RunConfig, round: int, committed: dict[str, Any], snapshot: int) -> str:
+    before, now = committed.get("dataset_inputs") or {}, dataset_inputs(cfg)
+    changed = sorted(k for k in set(before) | set(now) if before.get(k, "<unset>") != now.get(k, "<unset>"))
+
+    def shown(v: Any) -> str:
+        text = json.dumps(v, ensure_ascii=False) if v != "<unset>" else "unset"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    if changed:
+        what = "; ".join(f"{k}: {shown(before.get(k, '<unset>'))} -> {shown(now.get(k, '<unset>'))}"
+                         for k in changed[:8])
+        what += f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+    elif before:
+        what = "the round's problems or teacher samples differ (no config field that shapes the dataset changed)"
+    else:
+        what = "the settings that shape its dataset (this round was committed before they were recorded)"
+    return (f"round {round} is already committed as snapshot {snapshot}, and this config changes what "
+            f"its dataset would be: {what}. A committed version is never rewritten: run the new settings "
+            f"in a new run directory (`stillhouse run CONFIG --workdir NEW_DIR`), or set the changed "
+            f"fields back to continue this run.")
 
 
 # --------------------------------------------------------------------------- 5. train
@@ -374,7 +422,8 @@ def train_student(
                  "samples_used": result.samples_used,
                  "samples_zero_weight": result.samples_skipped_zero_weight,
                  "samples_truncated": result.samples_truncated,
-                 "train_seconds": result.train_seconds, "model_seconds": model_seconds},
+                 "train_seconds": result.train_seconds, "train_tokens": result.tokens,
+                 "model_seconds": model_seconds},
     )
 
 
@@ -397,7 +446,8 @@ def _evaluate_into(out: Path, cfg: RunConfig, round: int, key: str, evals: list[
         "eval_set", "problem_id", "sample_index", "response", "extracted", "correct")}}
         for r in res.rows]
     parquet_io.write_parquet_atomic(pa.Table.from_pylist(rows), out / "eval.parquet")
-    return res, student.model_seconds
+    return res, student.model_seconds, {"prompt_tokens": student.prompt_tokens,
+                                        "completion_tokens": student.completion_tokens}
 
 
 def evaluate_base(cfg: RunConfig, progress: Progress | None = None) -> StepResult:
@@ -413,18 +463,18 @@ def evaluate_base(cfg: RunConfig, progress: Progress | None = None) -> StepResul
 
     def compute(out: Path) -> dict[str, Any]:
         nonlocal model_seconds
-        res, model_seconds = _evaluate_into(out, cfg, BASE_ROUND, key, evals, [], progress)
-        return {"summary": res.summary()}
+        res, model_seconds, tokens = _evaluate_into(out, cfg, BASE_ROUND, key, evals, [], progress)
+        return {"summary": res.summary(), "tokens": tokens}
 
     out, computed = parquet_io.cached_output(cache_dir(cfg), "evaluate-base", key, compute)
     table = parquet_io.read_output(out)
     if table.num_rows:
         with open_catalog(cfg) as cat:
             cat.add_eval_results(table)
-    summary = parquet_io.read_manifest(out)["meta"]["summary"]
+    meta = parquet_io.read_manifest(out)["meta"]
     return StepResult("evaluate-base", key, str(out), computed,
-                      metrics={**_accuracy_metrics(summary), "student_key": key[:32],
-                               "model_seconds": model_seconds})
+                      metrics={**_accuracy_metrics(meta["summary"]), **meta.get("tokens", {}),
+                               "student_key": key[:32], "model_seconds": model_seconds})
 
 
 def _accuracy_metrics(summary: dict[str, Any]) -> dict[str, Any]:
@@ -463,9 +513,9 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, base: StepResult |
 
     def compute(out: Path) -> dict[str, Any]:
         nonlocal model_seconds
-        res, model_seconds = _evaluate_into(out, cfg, round, key, evals, pool, progress,
-                                            adapter=trained.path, adapter_key=trained.key)
-        return {"summary": res.summary(), "pass_rates": res.pass_rates}
+        res, model_seconds, tokens = _evaluate_into(out, cfg, round, key, evals, pool, progress,
+                                                    adapter=trained.path, adapter_key=trained.key)
+        return {"summary": res.summary(), "pass_rates": res.pass_rates, "tokens": tokens}
 
     out, computed = parquet_io.cached_output(cache_dir(cfg), "evaluate", key, compute)
     table = parquet_io.read_output(out)
@@ -475,7 +525,7 @@ def evaluate(cfg: RunConfig, round: int, trained: StepResult, base: StepResult |
     summary = meta["summary"]
     result = StepResult(
         "evaluate", key, str(out), computed,
-        metrics={**_accuracy_metrics(summary),
+        metrics={**_accuracy_metrics(summary), **meta.get("tokens", {}),
                  "pool_mean_pass_rate": summary["pool_mean_pass_rate"], "student_key": key[:32],
                  "model_seconds": model_seconds},
     )
@@ -546,6 +596,7 @@ def synthesize_problems(cfg: RunConfig, round: int, evaluated: StepResult, split
 
     def compute(out: Path) -> dict[str, Any]:
         nonlocal model_seconds
+        check_budget(cfg, f"round {round}'s synthesis")
         with open_backend(cfg.teacher, cache_dir(cfg), step="teacher", batch_size=cfg.sampling.batch_size) as teacher:
             res = synthesize(teacher, easy, hard, pool, evals, round, cfg.synthesis, cfg.prompts,
                              cfg.sampling, verifier=cfg.verifier, progress=progress)
@@ -555,10 +606,12 @@ def synthesize_problems(cfg: RunConfig, round: int, evaluated: StepResult, split
                                             out / "problems.parquet")
         if res.records:
             parquet_io.write_parquet_atomic(_records_table(res.records, key), out / RECORDS_FILE)
-        return {"counts": res.counts}
+        return {"counts": res.counts, "tokens": {"prompt_tokens": teacher.prompt_tokens,
+                                                 "completion_tokens": teacher.completion_tokens}}
 
     out, computed = parquet_io.cached_output(cache_dir(cfg), "synthesize", key, compute)
-    counts = parquet_io.read_manifest(out)["meta"]["counts"]
+    meta = parquet_io.read_manifest(out)["meta"]
+    counts = meta["counts"]
     new_rows = parquet_io.read_parquet(out / "problems.parquet").to_pylist() if counts["kept"] else []
     records = parquet_io.read_parquet(out / RECORDS_FILE) if (out / RECORDS_FILE).is_file() else []
     with open_catalog(cfg) as cat:
@@ -567,7 +620,7 @@ def synthesize_problems(cfg: RunConfig, round: int, evaluated: StepResult, split
         "synthesize", key, str(out), computed,
         metrics={"synth_generated": counts["generated"], "synth_kept": counts["kept"],
                  "synth_dropped": counts["dropped"], "synth_added": added,
-                 "model_seconds": model_seconds},
+                 **meta.get("tokens", {}), "model_seconds": model_seconds},
     )
 
 

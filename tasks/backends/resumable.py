@@ -70,6 +70,10 @@ class ResumableBackend:
         self.generated = 0
         self.reused = 0
         self.model_seconds = 0.0  # building the model and generating: the "model work" of a step
+        # Tokens of every completion returned (generated now or found cached): what the step's
+        # output cost when it was made, for the run's cost ledger.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
 
     @property
     def backend(self) -> Backend:
@@ -94,6 +98,17 @@ class ResumableBackend:
             }
         )
         return parquet_io.cached_path(self.cache_dir, self.step, key[:32])
+
+    def pending(self, requests: list[SampleRequest], params: SamplingParams) -> int:
+        """How many of `requests` a `sample` call would generate (those in missing shards)."""
+        if not requests:
+            return 0
+        out = self.call_dir(requests, params)
+        if parquet_io.is_complete(out):
+            return 0
+        n_shards = -(-len(requests) // self.shard_size)
+        missing = parquet_io.missing_shards(out, n_shards)
+        return sum(len(requests[i * self.shard_size:(i + 1) * self.shard_size]) for i in missing)
 
     def sample(
         self,
@@ -135,9 +150,12 @@ class ResumableBackend:
         completions = _from_table(parquet_io.read_output(out))
         by_id = {(c.key, c.sample_index): c for c in completions}
         try:
-            return [by_id[(r.key, r.sample_index)] for r in requests]
+            got = [by_id[(r.key, r.sample_index)] for r in requests]
         except KeyError as err:
             raise RuntimeError(f"{out}: cached completions miss request {err}; delete the folder") from None
+        self.prompt_tokens += sum(c.prompt_tokens for c in got)
+        self.completion_tokens += sum(c.completion_tokens for c in got)
+        return got
 
     def close(self) -> None:
         if self._backend is not None:

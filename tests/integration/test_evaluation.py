@@ -249,8 +249,8 @@ def test_wilson_interval_holds_the_estimate_stays_in_bounds_and_narrows_with_n()
 
 @pytest.mark.unit
 def test_every_shown_accuracy_has_its_interval_and_n():
-    from stillhouse.flows.monitoring import accuracy_markdown
     from stillhouse.tasks.report import _markdown
+    from stillhouse.tasks.run_view import history_markdown, round_markdown
 
     answers = {p.question: p.answer for p in EVAL + POOL_PROBLEMS}
     res = evaluate_student(RightAnswers(answers, {EVAL[0].question: {0}}), EVAL, POOL_PROBLEMS,
@@ -261,6 +261,7 @@ def test_every_shown_accuracy_has_its_interval_and_n():
     assert lo < 1 / 3 < hi
     metrics = {"round": 0, "teacher_accuracy": 0.5, "student_accuracy": s["accuracy"],
                "eval_counts": s["eval_counts"], "student_overall": s["overall_accuracy"], "eval_total": 5}
-    md = accuracy_markdown("run", [metrics])
-    assert "0.333 [" in md and "n=3" in md and "n=2" in md
+    for md in (history_markdown("run", "run-abc123", [metrics], None),
+               round_markdown("run", "run-abc123", metrics, [metrics], None, rounds_total=1)):
+        assert "0.333 [" in md and "n=3" in md and "n=2" in md and "0.200 [" in md and "n=5" in md
     assert "0.200 [" in _markdown("run", [metrics]) and "n=5" in _markdown("run", [metrics])

@@ -147,19 +147,93 @@ def test_rerun_does_no_model_work(smoke_run, monkeypatch):
     results = ("pool", "samples", "teacher_accuracy", "mean_abs_weight", "snapshot", "train_loss",
                "student_accuracy", "easy", "hard", "synth_kept", "adapter")
     assert [{k: m.get(k) for k in results} for m in again] == [{k: m.get(k) for k in results} for m in history]
+    # Issue 15: the rerun's record keeps what the work cost when it was done, not the cost of looking.
+    for m, first in zip(again, history):
+        assert first["model_seconds"] > 0 and first["generated"] > 0
+        for k in ("model_seconds", "wall_seconds", "generated", "teacher_tokens_out", "train_tokens"):
+            assert m[k] == first[k], k
+        assert m["rerun_wall_seconds"] > 0
+        on_disk = json.loads((Path(cfg.workdir) / "rounds" / f"round-{m['round']}.json").read_text())
+        assert on_disk["model_seconds"] == first["model_seconds"]
+
+    # ... and the UI shows it: every step of the rerun's rounds ended Cached, the flow runs carry
+    # the run's name, workdir id and round as tags.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from stillhouse.tasks.run_view import run_label, workdir_id
+
+    label = run_label(cfg.run_name, cfg.workdir)
+    with get_client(sync_client=True) as client:
+        for r in (0, 1):
+            runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{label}-round-{r}"])),
+                                         sort=FlowRunSort.START_TIME_DESC)
+            assert len(runs) == 2  # the first run and the rerun
+            assert {f"run:{cfg.run_name}", f"workdir:{workdir_id(cfg.workdir)}", f"round:{r}"} <= set(runs[0].tags)
+            states = {t.name: t.state.name for t in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id={"any_": [runs[0].id]}))}
+            expected = {"sample", "verify", "weigh", "commit-version", "train", "evaluate", "split"}
+            expected |= {"synthesize"} if r == 0 else set()
+            assert set(states) == expected  # names without random suffixes
+            assert set(states.values()) == {"Cached"}, states
+        first = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{label}-round-0"])),
+                                      sort=FlowRunSort.START_TIME_ASC)[0]
+        states = {t.name: t.state.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [first.id]}))}
+        assert states["sample"] == states["train"] == "Completed"  # the run that did the work
 
 
-def test_artifacts_are_published(smoke_run):
+def test_round_pages_tell_the_rounds_story(smoke_run):
+    """The round artifact: dataset version, config hash, the base row, every accuracy with n and
+    interval, the pool's whole accounting, the last round's note, plots and the report's link;
+    each number read from the run's own record, not from this test."""
+    import base64
+    from urllib.parse import unquote, urlparse
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
+    from stillhouse.flows.monitoring import artifact_key
+    from stillhouse.tasks.evaluation import accuracy_text
+    from stillhouse.tasks.run_view import config_hash, run_label
+
+    cfg, history, _, _ = smoke_run
+    label = run_label(cfg.run_name, cfg.workdir)
+    keys = [artifact_key(f"{label}-round-0"), artifact_key(f"{label}-round-1"), artifact_key(f"{label}-report")]
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts(limit=200)}
-        table = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["smoke-round-1"])))
-    assert {"smoke-round-0", "smoke-round-1", "smoke-report"} <= keys
-    rows = json.loads(table[0].data) if isinstance(table[0].data, str) else table[0].data
-    metrics = {r["metric"] for r in rows}
-    assert {"teacher accuracy", "student accuracy", "easy", "hard", "train loss"} <= metrics
+        found = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+    assert set(found) == set(keys)
+    base = json.loads((Path(cfg.workdir) / "rounds" / "base.json").read_text())
+    with Catalog(cfg.workdir, read_only=True) as cat:
+        snapshots = {r: cat.round_snapshot(r) for r in (0, 1)}
+    for r in (0, 1):
+        m = json.loads((Path(cfg.workdir) / "rounds" / f"round-{r}.json").read_text())
+        md = found[artifact_key(f"{label}-round-{r}")].data
+        assert found[artifact_key(f"{label}-round-{r}")].type == "markdown"
+        assert f"snapshot {snapshots[r]}" in md and config_hash(cfg) in md and f"`{label}`" in md
+        if r == 1:
+            assert f"previous round 0: snapshot {snapshots[0]}" in md
+        assert "base (untrained)" in md and accuracy_text(base["student_overall"], base["eval_total"]) in md
+        assert accuracy_text(m["student_overall"], m["eval_total"]) in md
+        for s, acc in m["student_accuracy"].items():
+            assert accuracy_text(acc, m["eval_counts"][s]) in md
+        # easy + mid + hard is the whole pool, and the page says so
+        assert m["easy"] + m["mid"] + m["hard"] == m["pool"]
+        assert f"{m['easy']} / {m['mid']} / {m['hard']} (= {m['pool']} of {m['pool']})" in md
+        if r == 0:
+            assert "seed pool" in md and f"{m['synth_generated']} written / {m['synth_kept']} kept" in md
+        else:
+            assert m["pool_added"] == m["pool"] - history[0]["pool"] == history[0]["synth_added"]
+            assert f"{m['pool_added']:+,}" in md and "last round" in md
+        # three embedded PNG plots and a link to the report file that exists
+        images = [line for line in md.splitlines() if line.startswith("![")]
+        assert len(images) == 3
+        for line in images:
+            assert base64.b64decode(line.split("base64,", 1)[1].rstrip(")"))[:8] == b"\x89PNG\r\n\x1a\n"
+        link = next(line for line in md.splitlines() if "report.html" in line)
+        assert Path(unquote(urlparse(link[link.index("(") + 1:link.rindex(")")]).path)).is_file()
+    curve = found[artifact_key(f"{label}-report")].data
+    assert all(f"| {r} | {snapshots[r]} |" in curve for r in (0, 1))
 
 
 def test_a_non_ascii_run_name_runs_and_publishes_its_artifacts(smoke_run, tmp_path):
@@ -178,7 +252,10 @@ def test_a_non_ascii_run_name_runs_and_publishes_its_artifacts(smoke_run, tmp_pa
     assert [m["round"] for m in again] == [m["round"] for m in history]
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    expected = {artifact_key("Präzision-round-0"), artifact_key("Präzision-round-1"), artifact_key("Präzision-report")}
+    from stillhouse.tasks.run_view import run_label
+
+    label = run_label("Präzision", workdir)
+    expected = {artifact_key(f"{label}-round-0"), artifact_key(f"{label}-round-1"), artifact_key(f"{label}-report")}
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=sorted(expected))))
     assert {a.key for a in found} == expected
@@ -205,10 +282,13 @@ def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, m
     assert out[0]["steps_computed"] == ["train", "evaluate", "split"]
     assert work.trainings == 1
 
-    # A change that would alter a committed version is refused, naming the round.
+    # A change that would alter a committed version is refused, naming the round, the changed field
+    # with both values, and the way out (a new --workdir).
     changed = one_round.model_copy(update={"rewards": one_round.rewards.model_copy(update={"format": 0.5})})
-    with pytest.raises(Exception, match="round 0 is committed"):
+    with pytest.raises(Exception, match="round 0 is already committed") as refused:
         _run(changed)
+    assert f"rewards.format: {one_round.rewards.format} -> 0.5" in str(refused.value)
+    assert "--workdir" in str(refused.value)
     # ... at once: a refusal is not retried (retries are for I/O that can succeed later).
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterState, \
@@ -221,6 +301,34 @@ def test_config_change_reruns_exactly_the_steps_it_shapes(smoke_run, tmp_path, m
             state=TaskRunFilterState(type=TaskRunFilterStateType(any_=[StateType.FAILED])),
         ))
     assert failed and all(t.run_count == 1 for t in failed), [(t.name, t.run_count) for t in failed]
+
+
+def test_budget_stops_before_the_teacher_step_and_the_run_resumes_when_raised(smoke_run, tmp_path, monkeypatch):
+    """A third round on a copy of the finished smoke run, with a teacher-token budget of exactly
+    what the run has spent: rounds 0-1 recheck (nothing to pay), round 1's synthesis (now not the
+    last round) would pass the budget and is not started; nothing is committed past round 1. With
+    the budget raised the same run continues, redoing no sampling of rounds 0-1."""
+    from stillhouse.tasks.ledger import BudgetExhausted, read_ledger, spent
+
+    cfg, history, _, _ = smoke_run
+    workdir = tmp_path / "copy"
+    shutil.copytree(cfg.workdir, workdir)
+    used, _ = spent(read_ledger(workdir))
+    assert used == sum(m["teacher_tokens_in"] + m["teacher_tokens_out"] for m in history) > 0
+    three = load_config(SMOKE, workdir=str(workdir), rounds=3)
+    capped = three.model_copy(update={"cost": three.cost.model_copy(update={"max_teacher_tokens": used})})
+    work = ModelWork(monkeypatch)
+    with pytest.raises(BudgetExhausted, match=f"before round 1's synthesis: cost.max_teacher_tokens = {used}"):
+        _run(capped)
+    assert work.samples == 0  # stopped before the teacher generated anything
+    with Catalog(workdir, read_only=True) as cat:
+        assert sorted(r.round for r in cat.status().rounds if r.status == "committed") == [0, 1]
+    assert spent(read_ledger(workdir))[0] == used
+
+    out = _run(three)  # no budget: continues
+    assert [m["round"] for m in out] == [0, 1, 2]
+    assert out[0]["steps_computed"] == [] and out[1]["steps_computed"] == ["synthesize"]
+    assert spent(read_ledger(workdir))[0] > used
 
 
 def test_second_run_on_same_workdir_fails_at_once(smoke_run):
