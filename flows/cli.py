@@ -178,7 +178,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     base = base_summary(args.workdir)
     # Piped (a log, a test, `| less`): wide enough that no cell wraps; a terminal: its own width.
     console = Console(width=args.width or (None if sys.stdout.isatty() else 200))
-    console.print(f"[bold]{status.workdir}[/bold]  (current snapshot {status.current_snapshot})")
+    console.print(f"{status.workdir}  (current snapshot {status.current_snapshot})", style="bold", markup=False)
 
     def overall(m: dict) -> str:
         total = m.get("eval_total") or sum((m.get("eval_counts") or {}).values())
@@ -211,7 +211,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     tokens, cost = spent(read_ledger(args.workdir))
     console.print(f"teacher so far: {tokens:,} tokens, cost {cost:.4f} (ledger: rounds/ledger.json)")
     if quarantined:
-        console.print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table `quarantine`)")
+        console.print(f"quarantined: {len(quarantined)} problem(s), left out of every pool (catalog table "
+                      "`quarantine`)", markup=False)
         for pid, q in list(quarantined.items())[:10]:
             console.print(f"  {pid}  round {q['round']}  {q['reason']}: {q['detail']}", markup=False)
     return 0

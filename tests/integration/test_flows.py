@@ -173,14 +173,15 @@ def test_rerun_does_no_model_work(smoke_run, monkeypatch):
             assert {f"run:{cfg.run_name}", f"workdir:{workdir_id(cfg.workdir)}", f"round:{r}"} <= set(runs[0].tags)
             states = {t.name: t.state.name for t in client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id={"any_": [runs[0].id]}))}
-            expected = {"sample", "verify", "weigh", "commit-version", "train", "evaluate", "split"}
-            expected |= {"synthesize"} if r == 0 else set()
+            expected = {"sample-teacher", "verify-samples", "weigh-samples", "commit-version", "train-student",
+                        "evaluate", "split-pool"}
+            expected |= {"synthesize-problems"} if r == 0 else set()
             assert set(states) == expected  # names without random suffixes
             assert set(states.values()) == {"Cached"}, states
         first = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[f"{label}-round-0"])),
                                       sort=FlowRunSort.START_TIME_ASC)[0]
         states = {t.name: t.state.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [first.id]}))}
-        assert states["sample"] == states["train"] == "Completed"  # the run that did the work
+        assert states["sample-teacher"] == states["train-student"] == "Completed"  # the run that did the work
 
 
 def test_round_pages_tell_the_rounds_story(smoke_run):
