@@ -108,9 +108,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     html_path = Path(cfg.workdir) / "report" / "report.html"  # written by the flow after each round
     where = "ephemeral server (run `stillhouse ui` for the UI)" if own_server else os.environ["PREFECT_API_URL"]
     print(f"rounds:  {len(history)} finished")
+    from stillhouse.tasks.evaluation import accuracy_text
+
     for m in history:
-        print(f"  round {m['round']}: teacher acc {m['teacher_accuracy']:.3f}, student {m.get('student_accuracy')}, "
-              f"easy {m.get('easy')} / hard {m.get('hard')}, new problems {m.get('synth_kept', 0)}")
+        student = accuracy_text(m.get("student_overall"), m.get("eval_total"))
+        new = "- (last round)" if m.get("last_round") else m.get("synth_kept", 0)
+        print(f"  round {m['round']}: teacher acc {m['teacher_accuracy']:.3f}, student {student}, "
+              f"easy/mid/hard {m.get('easy')}/{m.get('mid')}/{m.get('hard')} of {m.get('pool')}, new problems {new}")
     print(f"time:    {wall:.1f}s wall, {model:.1f}s model work ({100 * (1 - model / wall):.1f}% outside model "
           f"work: Prefect, verification, I/O, catalog)")
     print(f"catalog: {Path(cfg.workdir).resolve() / 'catalog'}")

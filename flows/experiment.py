@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, tags
 from prefect.artifacts import create_markdown_artifact
 
 from stillhouse.flows.distill import distill
@@ -22,6 +22,7 @@ from stillhouse.storage.lock import RunLock
 from stillhouse.tasks.experiment.report import markdown, write_report
 from stillhouse.tasks.experiment.results import run_outcomes, summarize, write_experiment_json
 from stillhouse.tasks.experiment.spec import load_experiment
+from stillhouse.tasks.run_view import workdir_id
 
 
 @flow(name="stillhouse-experiment", log_prints=False)
@@ -36,7 +37,9 @@ def experiment(path: str, workdir: str | None = None) -> dict[str, Any]:
             for arm in arms:
                 cfg = exp.runs[(arm, seed)]
                 log.info("arm %s, seed %s: %s", arm, seed, cfg.workdir)
-                distill.with_options(flow_run_name=cfg.run_name)(cfg)
+                with tags(f"experiment:{c.name}", f"arm:{arm}", f"seed:{seed}", f"run:{cfg.run_name}",
+                          f"workdir:{workdir_id(cfg.workdir)}"):
+                    distill.with_options(flow_run_name=cfg.run_name)(cfg)
         finals, bases, costs = {}, {}, {}
         for (arm, seed), cfg in exp.runs.items():
             finals[(arm, seed)], base, costs[(arm, seed)] = run_outcomes(cfg)
