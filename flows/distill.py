@@ -191,7 +191,8 @@ def distill_round(config: RunConfig, round: int, previous_adapter: StepResult | 
         previous_summary=round_summary(cfg.workdir, round),
         previous_round=next((h for h in history if h["round"] == round - 1), None),
         last_round=last_round,
-        extra={"adapter": trained.path, "config_hash": config_hash(cfg), "run": run_label(cfg.run_name, cfg.workdir)},
+        extra={"adapter": trained.path, "config_hash": config_hash(cfg), "run_name": cfg.run_name,
+               "run": run_label(cfg.run_name, cfg.workdir)},
     )
     record_round(cfg.workdir, round, metrics)
     html, plots = _write_report(cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -231,8 +232,8 @@ def test_round_pages_tell_the_rounds_story(smoke_run):
         assert len(images) == 3
         for line in images:
             assert base64.b64decode(line.split("base64,", 1)[1].rstrip(")"))[:8] == b"\x89PNG\r\n\x1a\n"
-        link = next(line for line in md.splitlines() if "report.html" in line)
-        assert Path(unquote(urlparse(link[link.index("(") + 1:link.rindex(")")]).path)).is_file()
+        link = re.search(r"\]\((file://[^)]+report\.html)\)", md).group(1)
+        assert Path(unquote(urlparse(link).path)).is_file()
     curve = found[artifact_key(f"{label}-report")].data
     assert all(f"| {r} | {snapshots[r]} |" in curve for r in (0, 1))
 
