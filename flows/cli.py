@@ -203,7 +203,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from stillhouse.tasks.report import build_report
 
-    md, html_path = build_report(args.workdir)
+    md, html_path = build_report(args.workdir, args.run_name)
     print(md)
     print(html_path)
     return 0
@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Write the run report (Markdown + HTML with plots).")
     p.add_argument("workdir")
+    p.add_argument("--run-name", help="Title of the report (default: the run name the round summaries "
+                   "record, else the workdir's folder name).")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("ui", help="Start the Prefect server and UI on 127.0.0.1.")
