@@ -114,7 +114,7 @@ synthesize_problems = _step(steps.synthesize_problems, gpu=True, retries=1)
 
 
 def _progress(cfg: RunConfig, round: int, what: str) -> ProgressReporter:
-    return ProgressReporter(f"{cfg.run_name} r{round} {what}")
+    return ProgressReporter(f"{cfg.run_name} r{round} {what}", unit="steps" if what == "train" else "samples")
 
 
 @flow(name="stillhouse-round", log_prints=False)
@@ -169,7 +169,7 @@ def distill(config: RunConfig) -> list[dict[str, Any]]:
         seeded = seed_problems(cfg)
         log.info("seed pool: %s", seeded.metrics)
         # The untrained student, once: the row every round's accuracy is read against.
-        base = evaluate_base_student(cfg, ProgressReporter(f"{cfg.run_name} base evaluate"))
+        base = evaluate_base_student(cfg, ProgressReporter(f"{cfg.run_name} base evaluate", unit="samples"))
         record_base(cfg.workdir, base.metrics)
         log.info("untrained student: %s", base.metrics.get("student_accuracy"))
         history: list[dict[str, Any]] = []
