@@ -1,0 +1,90 @@
+"""The Prefect UI as a user sees it: headless Chromium opens a smoke run's pages on a real server
+(started the way `stillhouse ui --port N` starts it, on a port that is not 4200) and finds the
+round's numbers in the rendered page.
+
+What it looks for, read from the run's own summary (<workdir>/rounds/round-0.json), so that any
+honest rendering of the round passes:
+- flow-run page of `<run>-round-0`, Artifacts tab: the run's state, the round artifact and the
+  sampling progress artifact's "<samples>/<samples> samples";
+- the round artifact's page: the teacher accuracy with 3 decimals (4 are accepted while the round
+  artifact still rounds to 4) and the pool size as a number next to the word "pool".
+A screenshot of each page is kept in the test's tmp folder (browser/*.png).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import pytest
+
+from tests.server.browser import Browser, chromium_binary
+from tests.server.harness import SMOKE, Procs, child_env, free_port, wait_healthy
+
+pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.integration]
+
+
+@pytest.fixture
+def chromium():
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("needs Chromium: Debian package `chromium` (deployment/apt-packages.txt; `make system-deps`)")
+    return binary
+
+
+def test_flow_run_and_round_artifact_pages_show_the_rounds_numbers(tmp_path, chromium, prepared_models_dir,
+                                                                    tutor_dir):
+    port = free_port()
+    ui_url, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
+    home = tmp_path / "prefect-home"
+    procs = Procs(tmp_path / "logs", child_env(home, prepared_models_dir, api_url))
+    browser = None
+    try:
+        # The UI server as `stillhouse ui` starts it: no PREFECT_API_URL of its own.
+        ui = procs.start("ui", [sys.executable, "-m", "stillhouse.flows.cli", "ui", "--port", str(port)],
+                         env=child_env(home, prepared_models_dir, None))
+        wait_healthy(api_url, ui)
+        workdir = tmp_path / "run"
+        t0 = time.monotonic()
+        procs.run(sys.executable, "-m", "stillhouse.flows.cli", "run", str(SMOKE), "--workdir", str(workdir),
+                  "--rounds", "1", timeout=900)
+        run_s = time.monotonic() - t0
+        summary = json.loads((workdir / "rounds" / "round-0.json").read_text())
+
+        from prefect.client.orchestration import SyncPrefectClient
+
+        with SyncPrefectClient(api_url) as client:
+            round_run = next(r for r in client.read_flow_runs() if r.name.endswith("-round-0"))
+            artifacts = client.read_artifacts()
+        round_artifact = next(a for a in artifacts if a.key and "round-0" in a.key and a.type != "progress")
+
+        t1 = time.monotonic()
+        browser = Browser(chromium, tmp_path / "chromium-profile")
+        shots = tmp_path / "browser"
+        shots.mkdir()
+
+        browser.open(f"{ui_url}/runs/flow-run/{round_run.id}")
+        browser.wait_for_text([round_run.name, "Completed", "Artifacts"])
+        assert browser.click_text("Artifacts")
+        samples = summary["samples"]
+        browser.wait_for_text([round_artifact.key, f"{samples}/{samples} samples"])
+        browser.screenshot(shots / "flow-run.png")
+
+        browser.open(f"{ui_url}/artifacts/artifact/{round_artifact.id}")
+        acc = summary["teacher_accuracy"]
+        shown = {f"{acc:.3f}", str(round(acc, 4))}
+        text = browser.wait_for_text([round_artifact.key])
+        deadline = time.monotonic() + 60
+        while not any(s in text for s in shown) and time.monotonic() < deadline:
+            time.sleep(0.5)
+            text = browser.text()
+        browser.screenshot(shots / "round-artifact.png")
+        assert any(s in text for s in shown), f"teacher accuracy {shown} not on the page:\n{text[:3000]}"
+        assert re.search(rf"pool[^\d\n]*\s*{summary['pool']}(?![\d.])", text, re.I), text[:3000]
+        print(f"browser check: smoke run {run_s:.0f} s, pages {time.monotonic() - t1:.0f} s; screenshots in {shots}")
+    finally:
+        if browser is not None:
+            browser.close()
+        procs.stop_all()
