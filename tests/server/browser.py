@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -92,17 +93,20 @@ class Browser:
         """The page's rendered text (what a user reads; no markup, no hidden script text)."""
         return self.evaluate("document.body ? document.body.innerText : ''") or ""
 
-    def wait_for_text(self, needles: list[str], timeout: float = 60) -> str:
-        """The page's text once it holds every needle; fails with the text it has otherwise."""
+    def wait_for(self, check: Callable[[str], bool], what: str, timeout: float = 60) -> str:
+        """The page's text once `check(text)` holds (pages render in pieces); fails naming `what`
+        with the text the page has otherwise."""
         deadline = time.monotonic() + timeout
-        text = ""
-        while time.monotonic() < deadline:
+        while True:
             text = self.text()
-            if all(n in text for n in needles):
+            if check(text):
                 return text
+            if time.monotonic() > deadline:
+                raise AssertionError(f"page lacks {what} after {timeout} s; its text:\n{text[:3000]}")
             time.sleep(0.5)
-        missing = [n for n in needles if n not in text]
-        raise AssertionError(f"page lacks {missing} after {timeout} s; its text:\n{text[:3000]}")
+
+    def wait_for_text(self, needles: list[str], timeout: float = 60) -> str:
+        return self.wait_for(lambda text: all(n in text for n in needles), repr(needles), timeout)
 
     def click_text(self, label: str) -> bool:
         """Clicks the first button, tab or link whose text is exactly `label`."""

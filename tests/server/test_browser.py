@@ -8,7 +8,8 @@ honest rendering of the round passes:
   sampling progress artifact's "<samples>/<samples> samples";
 - the round artifact's page: the teacher accuracy with 3 decimals (4 are accepted while the round
   artifact still rounds to 4) and the pool size as a number next to the word "pool".
-A screenshot of each page is kept in the test's tmp folder (browser/*.png).
+Both of Prefect's UIs (V1 and V2, as /ui-settings lists them) are checked. A screenshot of each
+page is kept in the test's tmp folder (browser/<ui>-*.png).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import re
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -60,31 +62,47 @@ def test_flow_run_and_round_artifact_pages_show_the_rounds_numbers(tmp_path, chr
             artifacts = client.read_artifacts()
         round_artifact = next(a for a in artifacts if a.key and "round-0" in a.key and a.type != "progress")
 
+        with urllib.request.urlopen(f"{ui_url}/ui-settings", timeout=10) as resp:
+            settings = json.loads(resp.read())
+        # Both of Prefect's UIs: V2 is what a browser without a saved choice lands on.
+        uis = {v: settings[f"{v}_base_url"].rstrip("/") for v in settings.get("available_uis", ["v1"])}
+        assert uis, settings
+
         t1 = time.monotonic()
         browser = Browser(chromium, tmp_path / "chromium-profile")
         shots = tmp_path / "browser"
         shots.mkdir()
-
-        browser.open(f"{ui_url}/runs/flow-run/{round_run.id}")
-        browser.wait_for_text([round_run.name, "Completed", "Artifacts"])
-        assert browser.click_text("Artifacts")
-        samples = summary["samples"]
-        browser.wait_for_text([round_artifact.key, f"{samples}/{samples} samples"])
-        browser.screenshot(shots / "flow-run.png")
-
-        browser.open(f"{ui_url}/artifacts/artifact/{round_artifact.id}")
-        acc = summary["teacher_accuracy"]
-        shown = {f"{acc:.3f}", str(round(acc, 4))}
-        text = browser.wait_for_text([round_artifact.key])
-        deadline = time.monotonic() + 60
-        while not any(s in text for s in shown) and time.monotonic() < deadline:
-            time.sleep(0.5)
-            text = browser.text()
-        browser.screenshot(shots / "round-artifact.png")
-        assert any(s in text for s in shown), f"teacher accuracy {shown} not on the page:\n{text[:3000]}"
-        assert re.search(rf"pool[^\d\n]*\s*{summary['pool']}(?![\d.])", text, re.I), text[:3000]
+        check_pages(browser, ui_url, uis, round_run, round_artifact, summary, shots)
         print(f"browser check: smoke run {run_s:.0f} s, pages {time.monotonic() - t1:.0f} s; screenshots in {shots}")
     finally:
         if browser is not None:
             browser.close()
         procs.stop_all()
+
+
+def check_pages(browser: Browser, ui_url: str, uis: dict[str, str], round_run, round_artifact,
+                summary: dict, shots) -> None:
+    """The round's flow-run page (Artifacts tab) and its artifact's page, in every UI of `uis`."""
+    samples = summary["samples"]
+    progress = f"{samples}/{samples} samples"  # the sampling step's progress artifact
+    acc = summary["teacher_accuracy"]
+    shown = {f"{acc:.3f}", str(round(acc, 4))}
+    for ui_name, base in uis.items():
+        # The flow run's Artifacts tab: V2 opens it from the URL, V1 on a click.
+        browser.open(f"{ui_url}{base}/runs/flow-run/{round_run.id}?tab=Artifacts")
+        text = browser.wait_for_text([round_run.name, "Completed", "Artifacts"])
+        if progress not in text:
+            time.sleep(2)
+            if progress not in browser.text():
+                browser.click_text("Artifacts")
+        browser.wait_for_text([round_artifact.key, progress])
+        browser.screenshot(shots / f"{ui_name}-flow-run.png")
+
+        browser.open(f"{ui_url}{base}/artifacts/artifact/{round_artifact.id}")
+        pool = re.compile(rf"pool[^\d\n]*\s*{summary['pool']}(?![\d.])", re.I)
+        try:
+            browser.wait_for(lambda text: round_artifact.key in text and any(s in text for s in shown)
+                             and pool.search(text) is not None,
+                             f"{ui_name}: teacher accuracy {sorted(shown)} and 'pool ... {summary['pool']}'")
+        finally:
+            browser.screenshot(shots / f"{ui_name}-round-artifact.png")
