@@ -25,19 +25,16 @@ import pytest
 from tests.server.browser import Browser, chromium_binary
 from tests.server.harness import SMOKE, Procs, child_env, free_port, wait_healthy
 
-pytestmark = [pytest.mark.browser, pytest.mark.server, pytest.mark.integration]
+CHROMIUM = chromium_binary()
+pytestmark = [
+    pytest.mark.browser, pytest.mark.server, pytest.mark.integration,
+    # A mark, not a fixture: the skip comes before the session's tiny-tutor build.
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: Debian package `chromium` "
+                       "(deployment/apt-packages.txt; `make system-deps` installs it as root)"),
+]
 
 
-@pytest.fixture
-def chromium():
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("needs Chromium: Debian package `chromium` (deployment/apt-packages.txt; `make system-deps`)")
-    return binary
-
-
-def test_flow_run_and_round_artifact_pages_show_the_rounds_numbers(tmp_path, chromium, prepared_models_dir,
-                                                                    tutor_dir):
+def test_flow_run_and_round_artifact_pages_show_the_rounds_numbers(tmp_path, prepared_models_dir, tutor_dir):
     port = free_port()
     ui_url, api_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/api"
     home = tmp_path / "prefect-home"
@@ -69,7 +66,7 @@ def test_flow_run_and_round_artifact_pages_show_the_rounds_numbers(tmp_path, chr
         assert uis, settings
 
         t1 = time.monotonic()
-        browser = Browser(chromium, tmp_path / "chromium-profile")
+        browser = Browser(CHROMIUM, tmp_path / "chromium-profile")
         shots = tmp_path / "browser"
         shots.mkdir()
         check_pages(browser, ui_url, uis, round_run, round_artifact, summary, shots)
