@@ -143,8 +143,8 @@ class ProgressMeter:
 class ProgressReporter:
     """progress(done, total, **info) -> a Prefect progress artifact and a tqdm bar, throttled.
 
-    The artifact's description and the bar's postfix carry the counts, rate, ETA and, where the
-    caller reports them, tokens/s and the training loss (ProgressMeter). Backends and the trainer
+    The artifact's description carries the counts, rate, ETA and, where the caller reports them,
+    tokens/s and the training loss (ProgressMeter); the bar's postfix adds the last two to tqdm's own. Backends and the trainer
     call it after each finished batch, shard, completion or optimizer step: a safe point, where a
     stop asked for by Ctrl-C takes effect (flows/lifecycle.py). The artifact is updated at most
     every `min_interval_s` (each update is an API call) and the bar at most every `bar_interval_s`
@@ -179,7 +179,9 @@ class ProgressReporter:
         if bar_due:
             self._last_bar = now
             self._bar.total, self._bar.n = total, done
-            self._bar.set_postfix_str(" · ".join(fields.values()), refresh=False)
+            # tqdm shows counts, rate and ETA itself: the postfix adds what it cannot know.
+            self._bar.set_postfix_str(" · ".join(v for k, v in fields.items() if k in ("tokens", "loss")),
+                                      refresh=False)
             self._bar.refresh()
         if artifact_due:
             self._last = now
