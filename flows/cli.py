@@ -251,14 +251,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from stillhouse.tasks.report import build_report
 
-    md, html_path = build_report(args.workdir)
+    md, html_path = build_report(args.workdir, args.run_name)
     print(md)
     print(html_path)
     return 0
 
 
 def _cmd_ui(args: argparse.Namespace) -> int:
-    import os
     import subprocess
 
     _prefect_env()
@@ -266,8 +265,27 @@ def _cmd_ui(args: argparse.Namespace) -> int:
     print(f"Prefect UI: {url}")
     print("  Runs made without a server (Prefect's ephemeral mode) are stored in $PREFECT_HOME/prefect.db")
     print(f"  and show up here. To watch a run live, start it with PREFECT_API_URL={url}/api")
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(args.port)]
-    return subprocess.call(cmd, env=os.environ.copy())
+    cmd, env = _server_command(args.port)
+    return subprocess.call(cmd, env=env)
+
+
+def _server_command(port: int) -> tuple[list[str], dict[str, str]]:
+    """`prefect server start` on 127.0.0.1:<port> and its environment.
+
+    Prefect's UI asks `/ui-settings` where the API is; the server answers with
+    PREFECT_SERVER_UI_API_URL, else PREFECT_API_URL, else PREFECT_SERVER_API_HOST/PORT, and
+    `--port` sets none of them: on any port but 4200 the UI called 127.0.0.1:4200 and showed
+    "Can't connect to Server API". A UI API URL the user set (a reverse proxy) is kept."""
+    import os
+
+    env = os.environ.copy()
+    url = f"http://127.0.0.1:{port}/api"
+    if not (env.get("PREFECT_SERVER_UI_API_URL") or env.get("PREFECT_UI_API_URL")):
+        env["PREFECT_SERVER_UI_API_URL"] = url
+    env["PREFECT_SERVER_API_HOST"] = "127.0.0.1"
+    env["PREFECT_SERVER_API_PORT"] = str(port)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    return cmd, env
 
 
 class _LocalServer:
@@ -299,12 +317,12 @@ class _LocalServer:
         home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
         log_path = home / "stillhouse-serve-server.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd, env = _server_command(self.port)
         with open(log_path, "ab") as out:
             # Its own session: a terminal's Ctrl-C or a kill of our process group reaches us, and we
             # stop the server after the runner, not before it.
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=os.environ.copy(), start_new_session=True)
+                                         env=env, start_new_session=True)
         print(f"prefect server: pid {self.proc.pid} at {self.url} (log {log_path})", flush=True)
         deadline = time.monotonic() + timeout
         while not self._healthy():
@@ -484,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="Write the run report (Markdown + HTML with plots).")
     p.add_argument("workdir")
+    p.add_argument("--run-name", help="Title of the report (default: the run name the round summaries "
+                   "record, else the workdir's folder name).")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("ui", help="Start the Prefect server and UI on 127.0.0.1.")

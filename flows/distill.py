@@ -147,7 +147,8 @@ synthesize_problems = _step(steps.synthesize_problems, gpu=True, retries=1)
 
 
 def _progress(cfg: RunConfig, round: int, what: str) -> ProgressReporter:
-    return ProgressReporter(f"{cfg.run_name} r{round} {what}")
+    # Shown on the round flow run's page (cut after ~40 characters there): the run is known already.
+    return ProgressReporter(f"round {round} {what}", unit="steps" if what == "train" else "samples")
 
 
 def _write_report(cfg: RunConfig) -> tuple[str | None, dict[str, str]]:
@@ -227,7 +228,7 @@ def distill(config: RunConfig) -> list[dict[str, Any]]:
                  "skipped, %d quarantined", s["problems"], s["train"], s["eval"], s["added"],
                  s["skipped_rows"], s["quarantined"])
         # The untrained student, once: the row every round's accuracy is read against.
-        base = evaluate_base_student(cfg, ProgressReporter(f"{cfg.run_name} base evaluate"))
+        base = evaluate_base_student(cfg, ProgressReporter("untrained student evaluate", unit="samples"))
         record_base(cfg.workdir, base.metrics)
         log.info("untrained student: %s", ", ".join(
             f"{k} {v:.3f}" for k, v in (base.metrics.get("student_accuracy") or {}).items()) or "-")

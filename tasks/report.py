@@ -118,31 +118,63 @@ def _plots(history: list[dict[str, Any]], samples: dict[int, dict[str, list[floa
     return out
 
 
+def md_cell(value: Any) -> str:
+    """One Markdown table cell: numbers at one precision, pipes escaped, no line breaks.
+
+    An unescaped `|` (the header `mean |w|`, a model's text in a drop detail) splits the cell, so
+    GitHub and markdown-it see more cells than the delimiter row has and render no table.
+
+    >>> md_cell(0.39062), md_cell(312.69581), md_cell(None), md_cell("a|b\\nc")
+    ('0.391', '312.696', '-', 'a\\\\|b c')
+    """
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def md_row(cells: list[Any]) -> str:
+    return "| " + " | ".join(md_cell(c) for c in cells) + " |"
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """A Markdown table's lines: header, delimiter and one line per row, every cell escaped."""
+    return [md_row(header), "|" + "---|" * len(header), *(md_row(r) for r in rows)]
+
+
+REPORT_COLUMNS = [
+    ("pool", "pool"), ("samples", "samples"), ("teacher_accuracy", "teacher acc"),
+    ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |w|"),
+    ("train_loss", "train loss"), ("student_overall", "student acc"),
+    ("pool_mean_pass_rate", "pool pass rate"), ("easy", "easy"), ("mid", "mid"), ("hard", "hard"),
+    ("synth_generated", "synthesized"), ("synth_kept", "kept"),
+]
+
+
+def _drop_rows(history: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per round and reason a synthesized problem was dropped (reason names made readable)."""
+    return [[m["round"], str(reason).replace("_", " "), n]
+            for m in history for reason, n in sorted((m.get("synth_dropped") or {}).items()) if n]
+
+
 def _markdown(run: str, history: list[dict[str, Any]], base: dict[str, Any] | None = None) -> str:
-    cols = [("pool", "pool"), ("samples", "samples"), ("teacher_accuracy", "teacher acc"),
-            ("zero_weight_group_share", "zero-weight groups"), ("mean_abs_weight", "mean |w|"),
-            ("train_loss", "train loss"), ("student_overall", "student acc"),
-            ("pool_mean_pass_rate", "pool pass rate"), ("easy", "easy"), ("hard", "hard"),
-            ("synth_generated", "synthesized"), ("synth_kept", "kept")]
-    lines = [f"# Stillhouse report: {run}", "", "| round | " + " | ".join(c[1] for c in cols) + " |",
-             "|---" * (len(cols) + 1) + "|"]
+    rows = []
     if base:
-        cells = [accuracy_text(base.get("student_overall"), base.get("eval_total")) if k == "student_overall"
-                 else "-" for k, _ in cols]
-        lines.append("| base (untrained) | " + " | ".join(cells) + " |")
+        rows.append(["base (untrained)"] + [
+            accuracy_text(base.get("student_overall"), base.get("eval_total")) if k == "student_overall" else None
+            for k, _ in REPORT_COLUMNS])
     for m in history:
-        cells = []
-        for k, _ in cols:
-            v = m.get(k)
-            if k == "student_overall":
-                cells.append(accuracy_text(v, m.get("eval_total") or sum((m.get("eval_counts") or {}).values())))
-            else:
-                cells.append(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v)))
-        lines.append(f"| {m['round']} | " + " | ".join(cells) + " |")
-    for m in history:
-        if m.get("synth_dropped"):
-            drops = ", ".join(f"{k}={v}" for k, v in m["synth_dropped"].items() if v)
-            lines.append(f"\nRound {m['round']} synthesis drops: {drops or 'none'}")
+        n_eval = m.get("eval_total") or sum((m.get("eval_counts") or {}).values())
+        rows.append([m["round"]] + [accuracy_text(m.get(k), n_eval) if k == "student_overall" else m.get(k)
+                                    for k, _ in REPORT_COLUMNS])
+    lines = [f"# Stillhouse report: {md_cell(run)}", "",
+             *md_table(["round"] + [label for _, label in REPORT_COLUMNS], rows)]
+    if history and history[-1].get("synth_generated") is None:
+        lines += ["", f"Round {history[-1]['round']} is the last: it synthesizes no problems (blank cells)."]
+    drops = _drop_rows(history)
+    if drops:
+        lines += ["", "## Synthesis drops per round", "", *md_table(["round", "reason", "problems"], drops)]
     return "\n".join(lines) + "\n"
 
 
@@ -150,14 +182,33 @@ def _dropped_markdown(dropped: list[dict[str, Any]], limit: int = 50) -> str:
     """Why the teacher's problems did not join the pool: one line per dropped generation."""
     if not dropped:
         return ""
+    rows = [[d["round"], d["parent_id"], d["operation"], d["reason"], d["detail"] or ""] for d in dropped[:limit]]
     lines = ["", "## Dropped synthesized problems", "",
-             "| round | parent | operation | reason | detail |", "|---|---|---|---|---|"]
-    for d in dropped[:limit]:
-        detail = (d["detail"] or "").replace("|", "\\|")
-        lines.append(f"| {d['round']} | {d['parent_id']} | {d['operation']} | {d['reason']} | {detail} |")
+             *md_table(["round", "parent", "operation", "reason", "detail"], rows)]
     if len(dropped) > limit:
         lines.append(f"\n... and {len(dropped) - limit} more (`stillhouse diff` lists them all)")
     return "\n".join(lines) + "\n"
+
+
+def markdown_html(md: str) -> str:
+    """Markdown as HTML with real tables (markdown-it, CommonMark plus GFM tables). Raw HTML in the
+    text is escaped, not passed through: drop details quote model output, which is hostile text."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
+
+
+def run_name_of(workdir: Path, history: list[dict[str, Any]]) -> str:
+    """The run's name as its round summaries record it; the workdir's folder name for runs whose
+    summaries predate that field."""
+    for m in reversed(history):
+        if isinstance(m.get("run_name"), str) and m["run_name"]:
+            return m["run_name"]
+    return workdir.resolve().name
+
+
+_STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+          "th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}th{background:#eee}")
 
 
 def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path, Path]:
@@ -177,7 +228,7 @@ def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path
             samples[r] = {"reward": t["reward"].to_pylist(), "weight": t["weight"].to_pylist()}
         records = cat.synthesis_records()
         dropped = [r for r in records.to_pylist() if r["status"] == "dropped"]
-    run = run_name or workdir.name
+    run = run_name or run_name_of(workdir, history)
     base = base_summary(workdir)
     md = _markdown(run, history, base) + _dropped_markdown(dropped)
     plots = _plots(history, samples, base)
@@ -188,7 +239,7 @@ def build_report(workdir: str | Path, run_name: str | None = None) -> tuple[Path
     for name, data in plots.items():
         parquet_io.write_bytes_atomic(base64.b64decode(data), workdir / "report" / f"{name}.png")
     body = "".join(f'<h2>{html.escape(k)}</h2><img src="data:image/png;base64,{v}"/>' for k, v in plots.items())
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run)}</title></head>"
-            f"<body><pre>{html.escape(md)}</pre>{body}</body></html>")
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run)}</title>"
+            f"<style>{_STYLE}</style></head><body>{markdown_html(md)}{body}</body></html>")
     html_path = parquet_io.write_bytes_atomic(page.encode(), workdir / "report" / "report.html")
     return md_path, html_path

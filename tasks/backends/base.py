@@ -12,8 +12,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-# progress(done, total): called as completions finish, so the CLI and Prefect can show progress.
-Progress = Callable[[int, int], None]
+# progress(done, total, **info): called as completions finish, so the CLI and Prefect can show
+# progress. Optional info keys: tokens (tokens generated or trained since the previous call: an
+# increment, so that shards and wrappers can pass it on unchanged) and loss (training). A callback
+# may accept **info (flows/monitoring.py ProgressReporter shows what it gets); callers pass it through
+# `accepting_info`, so a callback written as progress(done, total) keeps working.
+Progress = Callable[..., None]
+
+
+def accepting_info(progress: Progress | None) -> Progress | None:
+    """`progress` if it takes the optional info keywords, else a wrapper that drops them.
+
+    >>> seen = []
+    >>> accepting_info(lambda d, t: seen.append((d, t)))(1, 2, tokens=5)
+    >>> accepting_info(lambda d, t, **info: seen.append(info))(1, 2, tokens=5)
+    >>> seen
+    [(1, 2), {'tokens': 5}]
+    """
+    import inspect
+
+    if progress is None:
+        return None
+    try:
+        params = inspect.signature(progress).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C callable: call it the old way
+        params = ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return progress
+    return lambda done, total, **_info: progress(done, total)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams, accepting_info
 from stillhouse.tasks.prompts import PLAIN_TEXT_STOP, has_chat_template, render_prompt
 
 log = logging.getLogger(__name__)
@@ -166,6 +166,7 @@ class HFBackend:
         total = len(requests)
         if total == 0:
             return []
+        progress = accepting_info(progress)
         stops = tuple(s for s in params.stop if s)
         if not self.uses_chat_template:
             stops += tuple(s for s in PLAIN_TEXT_STOP if s not in stops)
@@ -191,7 +192,7 @@ class HFBackend:
                 )
             done += len(idx)
             if progress is not None:
-                progress(done, total)
+                progress(done, total, tokens=sum(n_new for _, _, n_new, _ in batch))
         return results  # type: ignore[return-value]
 
     def _generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams, stops):

@@ -65,7 +65,7 @@ from typing import Any
 
 import httpx
 
-from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.backends.base import Completion, Progress, SampleRequest, SamplingParams, accepting_info
 from stillhouse.tasks.backends.journal import JOURNAL_VERSION, Journal, completion_of, record_id, record_of, scope_id
 from stillhouse.tasks.redact import Redactor, check_base_url, clean_secret
 
@@ -242,6 +242,7 @@ class OpenAIBackend:
         if not requests:
             return []
         journal = self._journal(params)
+        progress = accepting_info(progress)
         total = len(requests)
         results: dict[str, Completion] = {}
         missing: list[SampleRequest] = []
@@ -341,7 +342,7 @@ class OpenAIBackend:
                     self.stats.completion_tokens += comp.completion_tokens
                     done += 1
                     if progress:
-                        progress(done, total)
+                        progress(done, total, tokens=comp.completion_tokens)
                 remaining = remaining[len(completions):]
 
         async with httpx.AsyncClient(

@@ -22,7 +22,14 @@ from pathlib import Path
 import pyarrow as pa
 
 from stillhouse.storage import parquet_io
-from stillhouse.tasks.backends.base import Backend, Completion, Progress, SampleRequest, SamplingParams
+from stillhouse.tasks.backends.base import (
+    Backend,
+    Completion,
+    Progress,
+    SampleRequest,
+    SamplingParams,
+    accepting_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +126,7 @@ class ResumableBackend:
         if not requests:
             return []
         out = self.call_dir(requests, params)
+        progress = accepting_info(progress)
         shards = [requests[i : i + self.shard_size] for i in range(0, len(requests), self.shard_size)]
         if not parquet_io.is_complete(out):
             parquet_io.clean_tmp(out)
@@ -129,9 +137,9 @@ class ResumableBackend:
             for index in missing:
                 part = shards[index]
 
-                def shard_progress(d: int, _t: int, base: int = done) -> None:
+                def shard_progress(d: int, _t: int, base: int = done, **info) -> None:
                     if progress:
-                        progress(min(base + d, len(requests)), len(requests))
+                        progress(min(base + d, len(requests)), len(requests), **info)
 
                 backend = self.backend  # builds the model on first use; timed by the property
                 t0 = time.perf_counter()

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from stillhouse.storage.parquet_io import write_json_atomic
+from stillhouse.tasks.backends.base import accepting_info
 from stillhouse.tasks.config import LoraConfig, TrainingConfig
 from stillhouse.tasks.training.loss import IGNORE_INDEX, combine_token_nll, weighted_completion_loss
 from stillhouse.tasks.models.resolve import resolve_device, resolve_dtype
@@ -73,8 +74,9 @@ from stillhouse.tasks.training.data import TrainExample, collate, encode_example
 
 log = logging.getLogger(__name__)
 
-# progress(step, total_steps): called after every optimizer step (and after a due checkpoint).
-Progress = Callable[[int, int], None]
+# progress(step, total_steps, tokens=, loss=): called after every optimizer step (and after a due
+# checkpoint) with the step's non-padding tokens and its loss (the backends' Progress, base.py).
+Progress = Callable[..., None]
 
 METRICS_FILE = "metrics.json"
 
@@ -241,7 +243,7 @@ def train_lora(
         same out_dir and inputs resumes from the last checkpoint or returns the finished result.
     init_adapter: a previous round's adapter to continue training (loaded trainable) instead of a
         fresh LoRA (then `lora`'s rank/alpha are the adapter's own).
-    progress: progress(step, total_steps) after each optimizer step; an exception raised from it
+    progress: progress(step, total_steps, tokens=, loss=) after each optimizer step; an exception raised from it
         stops training (the last checkpoint stays usable).
     prompt_special_tokens: BOS handling of the prompt (see `encode_examples`).
     """
@@ -250,6 +252,7 @@ def train_lora(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     init_adapter = Path(init_adapter) if init_adapter is not None else None
+    progress = accepting_info(progress)
     examples = load_examples(examples)
     negative = cfg.negative_loss
     fingerprint = inputs_fingerprint(base_model_path, examples, cfg, lora, init_adapter, negative, prompt_special_tokens)
@@ -403,7 +406,7 @@ def train_lora(
                         "train_seconds": seconds, "fingerprint": fingerprint, "total_steps": total_steps,
                     })
                 if progress is not None:
-                    progress(step + 1, total_steps)
+                    progress(step + 1, total_steps, tokens=step_tokens, loss=loss_value)
 
             adapter_dir = save_adapter(model, out_dir)
         finally:

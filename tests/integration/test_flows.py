@@ -365,6 +365,7 @@ def test_cli_commands_on_the_smoke_run(smoke_run, tmp_path):
     html = (Path(cfg.workdir) / "report" / "report.html").read_text()
     assert "base (untrained)" in (Path(cfg.workdir) / "report" / "report.md").read_text()
     assert html.count("data:image/png;base64,") == 3
+    assert "<table>" in html and "<pre>" not in html  # the round table rendered, not raw Markdown
     if diff["dropped"]:  # the report says why synthesized problems were dropped
         md = (Path(cfg.workdir) / "report" / "report.md").read_text()
         assert "Dropped synthesized problems" in md and diff["dropped"][0]["reason"] in md
