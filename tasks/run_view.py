@@ -143,7 +143,9 @@ def round_markdown(run_name: str, label: str, m: dict[str, Any], history: list[d
         ident.append(f"previous round {r - 1}: snapshot {m['previous_snapshot']}")
     lines.append(" · ".join(ident))
     if report_html:
-        lines += ["", f"[HTML report (all rounds, plots)]({Path(report_html).resolve().as_uri()})"]
+        # The path as text too: browsers do not follow a file:// link from an http:// page.
+        path = Path(report_html).resolve()
+        lines += ["", f"HTML report (all rounds, plots): [{cell(path)}]({path.as_uri()})"]
     done, found = m.get("steps_computed") or [], m.get("steps_found_complete") or []
     lines += ["", ("**Resumed, no work done**: every step found its output complete "
                    f"({', '.join(found)})." if not done else
@@ -229,7 +231,8 @@ def history_markdown(run_name: str, label: str, history: list[dict[str, Any]], b
                      "last round" if m.get("last_round") else num(m.get("synth_kept"))])
     lines = [f"# {cell(run_name)}: accuracy across rounds", "", f"run `{label}`"]
     if report_html:
-        lines += ["", f"[HTML report]({Path(report_html).resolve().as_uri()})"]
+        path = Path(report_html).resolve()
+        lines += ["", f"HTML report: [{cell(path)}]({path.as_uri()})"]
     lines += [""] + table(["round", "snapshot", "teacher acc", *[f"student {s}" for s in sets], "student all",
                            "pool", "easy / mid / hard", "new problems"], rows)
     for name, data in (plots or {}).items():
