@@ -432,6 +432,30 @@ class PromptsConfig(_Section):
     )
 
 
+class SandboxConfig(_Section):
+    """Where program-of-thought rationales run (tasks/sandbox: levels, limits, warm workers)."""
+
+    min_level: int = Field(
+        3, ge=1, le=3,
+        description="Least isolation PoT accepts; below it PoT refuses, naming what to install. "
+        "1 = isolated interpreter, empty environment, rlimits, wall clock, output cap; "
+        "2 = + bubblewrap namespaces (no network, own PIDs, read-only stdlib only); "
+        "3 = + seccomp filter (no sockets, fork, exec, signals, ptrace, mount).",
+    )
+    workers: int = Field(2, ge=1, le=64, description="Warm sandboxed worker processes.")
+    cpu_seconds: int = Field(5, ge=1, description="CPU seconds per program (RLIMIT_CPU).")
+    wall_seconds: float = Field(10.0, gt=0, description="Wall-clock seconds per program; then its process group is killed.")
+    memory_mb: int = Field(512, ge=64, description="Address space per program in MiB (RLIMIT_AS).")
+    file_size_mb: int = Field(8, ge=1, description="Largest file a program may write, MiB (RLIMIT_FSIZE).")
+    open_files: int = Field(64, ge=16, description="Open file descriptors per program (RLIMIT_NOFILE).")
+    processes: int = Field(
+        64, ge=1, description="RLIMIT_NPROC (not enforced for root: level 3 denies fork instead)."
+    )
+    output_bytes: int = Field(65536, ge=64, description="Captured stdout per program; more stops it (limit 'output').")
+    bwrap: str = Field("bwrap", description="bubblewrap executable (name on PATH or a path).")
+    libseccomp: str = Field("libseccomp.so.2", description="libseccomp shared library (soname or path).")
+
+
 # --------------------------------------------------------------------------- the run
 
 
