@@ -41,8 +41,9 @@ INSTALL_HINT = {
 }
 
 
-class SandboxUnavailable(RuntimeError):
-    """The machine offers less isolation than the configured minimum: PoT refuses to run."""
+class SandboxUnavailable(OSError):
+    """The machine offers less isolation than the configured minimum: PoT refuses to run.
+    (An OSError: what is missing is part of the system, and the CLI reports it as one line.)"""
 
 
 @dataclass(frozen=True)
