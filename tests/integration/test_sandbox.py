@@ -48,9 +48,9 @@ def pool():
             os.environ["STILLHOUSE_TEST_API_KEY"] = old
 
 
-def still_works(pool):
+def still_works(pool, level=LEVEL):
     r = pool.run("print(sum(range(10)))")
-    assert (r.stdout, r.exit, r.level) == ("45\n", 0, LEVEL), r
+    assert (r.stdout, r.exit, r.level) == ("45\n", 0, level), r
 
 
 def test_the_machine_offers_the_full_sandbox():
@@ -273,3 +273,21 @@ def test_verify_cli_scores_programs_and_reports_how_they_ended(tmp_path):
     assert got[2]["program_limit"] in ("cpu", "wall") and "limit" in got[2]["error"]
     assert got[3]["extracted"] is None and got[3]["program_exit"] == 0
     assert json.loads(proc.stdout)["correct"] == 2
+
+
+@pytest.mark.skipif(LEVEL < 2, reason="needs bubblewrap")
+def test_without_seccomp_a_program_that_kills_its_worker_costs_a_restart(tmp_path):
+    # Level 2 (seccomp "missing"): signals are possible inside the PID namespace, so a program can
+    # take its worker down; the pool replaces it and reports the program as stopped by "worker".
+    cfg = SandboxConfig(min_level=2, libseccomp=str(tmp_path / "no-libseccomp.so"), **LIMITS)
+    with SandboxPool(cfg) as pool:
+        assert pool.level == 2
+        r = pool.run("import os\nos.kill(-1, 9)")
+        assert r.limit == "worker" and pool.restarts == 1
+        # A daemon left behind in a new session does not hold the worker, and is killed after.
+        r = pool.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(100)\n"
+                     "print('parent done')")
+        assert r.ok and r.stdout == "parent done\n" and r.seconds < LIMITS["wall_seconds"]
+        r = pool.run("import os, json\nprint(json.dumps([p for p in os.listdir('/proc') if p.isdigit()]))")
+        assert len(json.loads(r.stdout)) == 3, r  # init, the worker, this program: no daemon
+        still_works(pool, level=2)
