@@ -157,9 +157,10 @@ def _child(code: str, workdir: str, out_w: int, err_w: int, limits: dict, seccom
         status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
-    except BaseException:
+    except BaseException as exc:
         import traceback
-        traceback.print_exc()
+        # From the program's first frame on: the worker's own frame would only confuse a reader.
+        traceback.print_exception(type(exc), exc, exc.__traceback__.tb_next)
         status = 1
     try:
         sys.stdout.flush()
