@@ -78,7 +78,11 @@ class ScriptedTeacher:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 128  # the client opens many connections at once
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -113,7 +117,7 @@ def pot_run(models_dir, tmp_path_factory):
             "problems": [{"kind": "arithmetic", "steps": 1, "operations": ["add", "sub"],
                           "max_operand": 10, "eval_templates": 4, "seed": 0}],
             "teacher": {"name_or_path": "scripted", "backend": "openai", "base_url": teacher.base_url,
-                        "max_retries": 0},
+                        "max_concurrency": 8, "max_retries": 3, "retry_backoff_s": 0.2},
             "student": {"model": {"name_or_path": "tiny-tutor"},
                         "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
             "verifier": {"rationale": "pot", "sandbox": {"min_level": level, "cpu_seconds": 1,
@@ -157,7 +161,7 @@ def test_pot_synthesis_takes_references_from_executed_programs(pot_run):
         new = [p for p in cat.read("problems").to_pylist() if p["operation"] != "seed"]
         records = cat.synthesis_records(0).to_pylist()
     assert len(records) == history[0]["synth_generated"] > 0
-    assert len(new) == history[0]["synth_kept"]
+    assert len(new) == history[0]["synth_kept"] > 0  # the scripted programs agree often enough
     for p in new:  # "picks a ... then b more": the answer the agreeing programs printed
         a, b = (int(v) for v in re.findall(r"\d+", p["question"])[:2])
         assert p["answer"] in (str(a + b), str(a - b))
