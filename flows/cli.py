@@ -16,7 +16,7 @@ log = logging.getLogger("stillhouse")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from stillhouse.tasks.config import RewardConfig
+    from stillhouse.tasks.config import RewardConfig, SandboxConfig, VerifierConfig
     from stillhouse.tasks.verify.jsonl import verify_jsonl
     from stillhouse.tasks.weights import sample_reward
 
@@ -29,6 +29,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         workers=args.workers,
         reward_fn=lambda correct, format_ok: sample_reward(correct, format_ok, rewards),
+        verifier=VerifierConfig(
+            rationale=args.rationale, timeout_s=args.timeout, workers=args.workers,
+            sandbox=SandboxConfig(min_level=args.min_level, bwrap=args.bwrap),
+        ),
     )
     print(json.dumps(summary))
     return 0
@@ -548,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="Worker processes (default: all cores).")
     p.add_argument("--no-fallback", action="store_true", help="Do not fall back to the last number.")
     p.add_argument("--force", action="store_true", help="Overwrite --out if it exists.")
+    p.add_argument("--rationale", choices=["cot", "pot"], default="cot",
+                   help="pot: run each response's last ```python block in the sandbox and score what it prints.")
+    p.add_argument("--min-level", type=int, choices=[1, 2, 3], default=3,
+                   help="pot: least sandbox isolation to accept (default 3; below it, refuse).")
+    p.add_argument("--bwrap", default="bwrap", help="pot: the bubblewrap executable (default: bwrap on PATH).")
     p.set_defaults(func=_cmd_verify)
 
     models = sub.add_parser("models", help="Prepare packaged or tiny models.").add_subparsers(

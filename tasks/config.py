@@ -220,6 +220,30 @@ class SamplingConfig(_Section):
 # --------------------------------------------------------------------------- verify, reward, weigh
 
 
+class SandboxConfig(_Section):
+    """Where program-of-thought rationales run (tasks/sandbox: levels, limits, warm workers)."""
+
+    min_level: int = Field(
+        3, ge=1, le=3,
+        description="Least isolation PoT accepts; below it PoT refuses, naming what to install. "
+        "1 = isolated interpreter, empty environment, rlimits, wall clock, output cap; "
+        "2 = + bubblewrap namespaces (no network, own PIDs, read-only stdlib only); "
+        "3 = + seccomp filter (no sockets, fork, exec, signals, ptrace, mount).",
+    )
+    workers: int = Field(2, ge=1, le=64, description="Warm sandboxed worker processes.")
+    cpu_seconds: int = Field(5, ge=1, description="CPU seconds per program (RLIMIT_CPU).")
+    wall_seconds: float = Field(10.0, gt=0, description="Wall-clock seconds per program; then its process group is killed.")
+    memory_mb: int = Field(512, ge=64, description="Address space per program in MiB (RLIMIT_AS).")
+    file_size_mb: int = Field(8, ge=1, description="Largest file a program may write, MiB (RLIMIT_FSIZE).")
+    open_files: int = Field(64, ge=16, description="Open file descriptors per program (RLIMIT_NOFILE).")
+    processes: int = Field(
+        64, ge=1, description="RLIMIT_NPROC (not enforced for root: level 3 denies fork instead)."
+    )
+    output_bytes: int = Field(65536, ge=64, description="Captured stdout per program; more stops it (limit 'output').")
+    bwrap: str = Field("bwrap", description="bubblewrap executable (name on PATH or a path).")
+    libseccomp: str = Field("libseccomp.so.2", description="libseccomp shared library (soname or path).")
+
+
 class VerifierConfig(_Section):
     last_number_fallback: bool = Field(
         True,
@@ -229,6 +253,17 @@ class VerifierConfig(_Section):
     timeout_s: float = Field(5.0, gt=0, description="Time limit per sample; over it = wrong, with an error.")
     workers: int | None = Field(
         None, ge=0, description="Worker processes for scoring; None = all cores, 0 = in process."
+    )
+    rationale: Literal["cot", "pot"] = Field(
+        "cot",
+        description="cot: the answer is read from the response text (chain of thought). pot: "
+        "program of thought: the response's last ```python block runs in the sandbox and its "
+        "printed output is the answer (teacher samples, student evaluation, synthesis votes); "
+        "the student learns the program text. With pot and no prompts given, the PoT prompts "
+        "(tasks/prompts.py) are used.",
+    )
+    sandbox: SandboxConfig = Field(
+        default_factory=SandboxConfig, description="Where PoT programs run (rationale: pot)."
     )
 
 
@@ -533,6 +568,22 @@ class RunConfig(_Section):
     cost: CostConfig = Field(
         default_factory=CostConfig, description="Teacher token prices and an optional run budget."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pot_prompts(cls, data: Any) -> Any:
+        # A pot run whose config names no solve prompt would ask for \boxed{} text and then try to
+        # run that text as a program: give it the PoT prompts (explicit ones always win).
+        if not isinstance(data, dict) or not isinstance(data.get("verifier"), dict):
+            return data
+        if data["verifier"].get("rationale") != "pot":
+            return data
+        from stillhouse.tasks.prompts import POT_FEW_SHOT, POT_SOLVE
+
+        prompts = dict(data.get("prompts") or {})
+        prompts.setdefault("solve", POT_SOLVE)
+        prompts.setdefault("few_shot", [list(pair) for pair in POT_FEW_SHOT])
+        return {**data, "prompts": prompts}
 
     @field_validator("run_name")
     @classmethod

@@ -141,7 +141,7 @@ def evaluate_student(
     them, the pool samples are reproducible from them.
     """
     from stillhouse.tasks.prompts import solve_messages
-    from stillhouse.tasks.verify.score import score_samples
+    from stillhouse.tasks.verify.programs import score_responses
 
     verifier = verifier or VerifierConfig()
     all_evals = _unique(list(eval_problems), "eval")
@@ -177,12 +177,10 @@ def evaluate_student(
     ]
     all_reqs = eval_reqs + pool_reqs
     all_comps = eval_comps + pool_comps
-    # One scoring call for everything: the verifier's worker pool starts once.
-    scores = score_samples(
-        [(c.text, p.answer) for c, (p, _) in zip(all_comps, owners, strict=True)],
-        last_number_fallback=verifier.last_number_fallback,
-        timeout_s=verifier.timeout_s,
-        workers=verifier.workers,
+    # One scoring call for everything: the verifier's (or the sandbox's) worker pool starts once.
+    # pot: the student's programs run in the same sandbox as the teacher's.
+    scores = score_responses(
+        [(c.text, p.answer) for c, (p, _) in zip(all_comps, owners, strict=True)], verifier
     )
 
     rows: list[dict[str, Any]] = []

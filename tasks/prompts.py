@@ -133,3 +133,19 @@ def render_prompt(tokenizer: Any, messages: Sequence[Message], chat_template: st
             add_generation_prompt=True,
         )
     return plain_text_prompt(messages)
+
+
+# Program-of-thought (verifier.rationale: pot): the teacher writes a program that prints the answer;
+# the sandbox runs it (tasks/sandbox) and its output is the answer. These are the prompts a pot
+# config gets when it names no `prompts.solve` / `prompts.few_shot` of its own (RunConfig): short
+# worked examples, because small models copy the shape of the examples more than the instruction.
+POT_SOLVE = (
+    "{question}\n\nWrite a short Python program that computes the answer and prints it as a "
+    "number. Reply with the program only, in a ```python block."
+)
+POT_FEW_SHOT: tuple[tuple[str, str], ...] = (
+    ("Kim has 4 kites. She buys 3 more kites. How many kites does Kim have now?",
+     "```python\nkites = 4\nbought = 3\nprint(kites + bought)\n```"),
+    ("A box holds 9 eggs. Dan uses 5 of the eggs. How many eggs are in the box now?",
+     "```python\neggs = 9\nused = 5\nprint(eggs - used)\n```"),
+)

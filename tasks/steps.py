@@ -223,8 +223,9 @@ def sample_teacher(cfg: RunConfig, round: int, progress: Progress | None = None)
 
 
 def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResult:
-    """Extract and check every final answer against the problem's reference."""
-    from stillhouse.tasks.verify.score import score_samples
+    """Extract and check every final answer against the problem's reference (pot: run the
+    program in the sandbox and check what it prints)."""
+    from stillhouse.tasks.verify.programs import score_responses
 
     def compute(out: Path) -> dict[str, Any]:
         table = parquet_io.read_output(sampled.path)
@@ -233,8 +234,7 @@ def verify_samples(cfg: RunConfig, round: int, sampled: StepResult) -> StepResul
         answer = {p.id: p.answer for p in pool}
         items = [(t, answer[k]) for t, k in zip(table["text"].to_pylist(), table["key"].to_pylist())]
         v = cfg.verifier
-        results = score_samples(items, last_number_fallback=v.last_number_fallback,
-                                timeout_s=v.timeout_s, workers=v.workers)
+        results = score_responses(items, v)
         table = table.append_column("extracted", pa.array([r.extracted for r in results], pa.string()))
         table = table.append_column("correct", pa.array([r.correct for r in results]))
         table = table.append_column("format_ok", pa.array([r.format_ok for r in results]))

@@ -96,6 +96,21 @@ def _question_key(question: str) -> str:
     return hashlib.sha256(normalize_question(question).encode()).hexdigest()[:16]
 
 
+def _program_answers(responses: list[str], verifier: VerifierConfig) -> list[Any]:
+    """The answer each response's program prints (sandboxed), as an Extraction; a program that
+    fails or prints nothing gives no answer (no vote)."""
+    from stillhouse.tasks.sandbox.pool import SandboxPool
+    from stillhouse.tasks.verify.extract import Extraction, extract_answer
+    from stillhouse.tasks.verify.programs import extract_program
+
+    if not responses:
+        return []
+    with SandboxPool(verifier.sandbox) as pool:
+        runs = pool.run_many([extract_program(r) for r in responses])
+    return [extract_answer(r.stdout, last_number_fallback=True) if r.failure is None
+            else Extraction(None, "program", False, f"program: {r.failure}") for r in runs]
+
+
 def synthesize(
     teacher_backend: Backend,
     easy: list[Problem],
@@ -207,9 +222,13 @@ def synthesize(
         raise RuntimeError(
             f"teacher backend returned {len(solves)} completions for {len(solve_requests)} requests"
         )
-    extractions = [
-        extract_answer(c.text, last_number_fallback=verifier.last_number_fallback) for c in solves
-    ]
+    if verifier.rationale == "pot":
+        # References by majority over the answers the teacher's programs print in the sandbox.
+        extractions = _program_answers([c.text for c in solves], verifier)
+    else:
+        extractions = [
+            extract_answer(c.text, last_number_fallback=verifier.last_number_fallback) for c in solves
+        ]
     answer_lists = [
         [e.answer for e in extractions[c_idx * k : (c_idx + 1) * k]] for c_idx in range(len(candidates))
     ]

@@ -79,23 +79,39 @@ def verify_jsonl(
     timeout_s: float = 5.0,
     workers: int | None = None,
     reward_fn: Callable[[bool, bool], float] | None = None,
+    verifier: Any = None,
 ) -> dict[str, Any]:
     """Score a JSONL file of {reference, response} rows; write each row plus extracted, correct,
     reward and error to out_path (atomically). Bad rows get an error naming the row and field
     and reward 0.0; the others are scored. Raises VerifyInputError if in_path cannot be read.
 
     reward_fn(correct, format_ok) -> float; default 1.0 / 0.0 on correctness.
+    verifier: a VerifierConfig with rationale "pot" scores each response's program in the sandbox
+    (tasks/verify/programs.py); its rows also say how the program ended (program_exit,
+    program_signal, program_limit, program_stderr, program_output) and isolation_level.
     """
     started = time.monotonic()
     out_path = Path(out_path)
     rows, todo = _read_rows(Path(in_path))
-    scores = score_samples(
-        [item for _, item in todo],
-        last_number_fallback=last_number_fallback,
-        timeout_s=timeout_s,
-        workers=workers,
-    )
-    for (pos, _), res in zip(todo, scores, strict=True):
+    programs: list[Any] = [None] * len(todo)
+    if verifier is not None and verifier.rationale == "pot":
+        from stillhouse.tasks.verify.programs import score_programs
+
+        verdicts = score_programs([item for _, item in todo], verifier)
+        scores = [v.verdict for v in verdicts]
+        programs = [v.program for v in verdicts]
+    else:
+        scores = score_samples(
+            [item for _, item in todo],
+            last_number_fallback=last_number_fallback,
+            timeout_s=timeout_s,
+            workers=workers,
+        )
+    for (pos, _), res, program in zip(todo, scores, programs, strict=True):
+        if program is not None:
+            rows[pos] = {**rows[pos], "program_exit": program.exit, "program_signal": program.signal,
+                         "program_limit": program.limit, "program_stderr": program.stderr_tail,
+                         "program_output": program.stdout, "isolation_level": program.level}
         reward = reward_fn(res.correct, res.format_ok) if reward_fn else float(res.correct)
         rows[pos] = {
             **rows[pos],

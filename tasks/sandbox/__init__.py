@@ -1,0 +1,1 @@
+"""The program runner for program-of-thought rationales: isolation levels and a warm worker pool."""
