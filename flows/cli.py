@@ -209,7 +209,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         steps = "found complete on rerun" if not m.get("steps_computed") and m.get("rerun_wall_seconds") \
             else "complete"
         t.add_row(str(r.round), r.status, num(r.snapshot_id),
-                  f"{num(m.get('pool'))} ({'seed' if added is None else f'{added:+,}'})",
+                  num(m.get("pool")) if "pool_added" not in m  # a summary from before the field
+                  else f"{num(m.get('pool'))} ({'seed' if added is None else f'{added:+,}'})",
                   num(m.get("teacher_accuracy")), overall(m),
                   f"{num(m.get('easy'))}/{num(m.get('mid'))}/{num(m.get('hard'))}",
                   "last round" if m.get("last_round") else num(m.get("synth_kept")),
