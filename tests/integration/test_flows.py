@@ -394,11 +394,16 @@ def _kill_config(tmp_path: Path, name: str) -> tuple[Path, Path]:
 
 def _cli_run(config: Path, env: dict) -> subprocess.Popen:
     # Own process group: the kill takes the run and its ephemeral Prefect server down together,
-    # as when a node dies, and leaves no server behind.
-    return subprocess.Popen(
-        [sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
-    )
+    # as when a node dies, and leaves no server behind. Its log goes to a file beside the config:
+    # a pipe read only at the end fills up with progress bars and blocks the child.
+    log = config.with_suffix(".log")
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stillhouse.flows.cli", "run", str(config)],
+            stdout=subprocess.DEVNULL, stderr=out, env=env, start_new_session=True,
+        )
+    proc.log = log
+    return proc
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -406,11 +411,15 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _log_tail(proc: subprocess.Popen) -> str:
+    return proc.log.read_text(errors="replace")[-2000:]
+
+
 def _ended(proc: subprocess.Popen) -> str:
-    """How a run that stopped early ended (its exit status and the tail of its stderr)."""
+    """How a run that stopped early ended (its exit status and the tail of its log)."""
     if proc.poll() is None:
         return "still running (timed out)"
-    return f"exit {proc.returncode}: {proc.stderr.read()[-2000:]}"
+    return f"exit {proc.returncode}: {_log_tail(proc)}"
 
 
 def _wait_for(predicate, proc, timeout=600):
@@ -436,7 +445,7 @@ def test_sigkill_mid_sampling_and_mid_training_then_rerun_equals_uninterrupted(m
 
     ref_cfg, ref_dir = _kill_config(tmp_path, "reference")
     proc = _cli_run(ref_cfg, env)
-    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+    assert proc.wait(timeout=900) == 0, _log_tail(proc)
 
     cfg, workdir = _kill_config(tmp_path, "killed")
     teacher_parts = lambda: list((workdir / "cache" / "teacher").glob("*/part-*.parquet"))  # noqa: E731
@@ -454,7 +463,7 @@ def test_sigkill_mid_sampling_and_mid_training_then_rerun_equals_uninterrupted(m
     assert not list((workdir / "adapters").glob("round-0/*/metrics.json")), "killed too late: training finished"
 
     proc = _cli_run(cfg, env)
-    assert proc.wait(timeout=900) == 0, proc.stderr.read()
+    assert proc.wait(timeout=900) == 0, _log_tail(proc)
 
     for r in (0, 1):
         got = _export(workdir, r, tmp_path / f"killed-{r}.parquet")
