@@ -53,6 +53,14 @@ def run_shard(call_dir: str, index: int, heartbeat_s: float = 5.0, attempt: str 
     return info
 
 
+def _log() -> logging.Logger | logging.LoggerAdapter:
+    """The step's run logger (its lines show in the UI under the round), or this module's outside a run."""
+    try:
+        return get_run_logger()
+    except Exception:
+        return log
+
+
 def _client():
     from prefect.client.orchestration import get_client
 
@@ -120,7 +128,7 @@ class PoolDispatcher:
             reasons: dict[int, list[str]] = {i: [] for i in missing}
             # Per shard: (flow run state, heartbeat beat, when either last changed on OUR clock).
             seen: dict[int, tuple[str, Any, float]] = {}
-            log.info("%s: %d shards submitted to %s (%d already done)", self.prefix, len(missing),
+            _log().info("%s: %d shards submitted to %s (%d already done)", self.prefix, len(missing),
                      self.ex.shard_deployment, n - len(missing))
             pending = set(missing)
             while pending:
@@ -143,7 +151,7 @@ class PoolDispatcher:
                             + "; ".join(f"attempt {k}: {r}" for k, r in enumerate(reasons[i])))
                     attempts[i] += 1
                     self.stats["resubmitted"] += 1
-                    log.warning("%s shard %d: %s; resubmitting (attempt %d of %d)", self.prefix, i, reason,
+                    _log().warning("%s shard %d: %s; resubmitting (attempt %d of %d)", self.prefix, i, reason,
                                 attempts[i], self.ex.max_resubmits)
                     seen.pop(i, None)
                     runs[i] = self._submit(call_dir, i, attempts[i])
@@ -173,7 +181,8 @@ class PoolDispatcher:
             seen[i] = (*mark, now)
             return None
         silent = now - last[2]
-        if silent < self.ex.lost_after_s:
+        # Before its first heartbeat a shard is still starting (a fresh process: pull steps, imports).
+        if silent < (self.ex.lost_after_s if mine else self.ex.start_timeout_s):
             return None
         where = f"{mine.get('hostname')} pid {mine.get('pid')}" if mine else "no heartbeat yet"
         reason = f"lost: flow run {state.name} but no heartbeat for {silent:.0f} s ({where})"

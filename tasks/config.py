@@ -499,6 +499,12 @@ class ExecutionConfig(_Section):
         "marked Crashed and the shard resubmitted. A worker killed with -9 leaves its run Running "
         "forever; this is how the round notices.",
     )
+    start_timeout_s: float = Field(
+        300.0, gt=0,
+        description="A shard whose flow run a worker has taken (Pending or Running) but that has not "
+        "written its first heartbeat after this long is lost too. Starting a flow-run process (pull "
+        "steps, imports) took 20-30 s on a loaded 2-core machine, so this is looser than lost_after_s.",
+    )
     poll_s: float = Field(2.0, gt=0, description="Seconds between the round's looks at its shards.")
 
     @model_validator(mode="after")
