@@ -203,7 +203,7 @@ def test_prefect_server_on_postgres_holds_pools_and_the_gpu_limit(postgres, tmp_
 
 
 @pytest.mark.slow
-def test_the_whole_smoke_flow_on_a_postgres_catalog(postgres, tmp_path, models_dir):
+def test_the_whole_smoke_flow_on_a_postgres_catalog(postgres, tmp_path, models_dir, monkeypatch):
     """`stillhouse run` of the smoke config (2 rounds: sample to synthesis) with `catalog.uri` on
     PostgreSQL: both rounds committed there, the synthesized problems of round 0 in round 1's pool,
     and no local metadata file; a rerun adds nothing."""
@@ -214,6 +214,7 @@ def test_the_whole_smoke_flow_on_a_postgres_catalog(postgres, tmp_path, models_d
     from tests.server.harness import SMOKE, Procs, child_env
 
     home = _home_with_postgres_extension(tmp_path)
+    monkeypatch.setenv("HOME", str(home))  # this process reads the catalog too
     data = yaml.safe_load(SMOKE.read_text())
     workdir = tmp_path / "run"
     kw = {"catalog_uri": f"postgres:{postgres['dsn']}", "data_path": str(tmp_path / "lake-data") + "/"}
