@@ -57,14 +57,14 @@ def _requests(n: int):
 
 def _call(cache: Path, n: int, shard_size: int, dispatcher=None):
     """One teacher call; returns (completions, wall seconds)."""
-    from stillhouse.tasks import shards
+    from stillhouse.tasks.backends import dispatch
     from stillhouse.tasks.backends.base import SamplingParams
     from stillhouse.tasks.backends.open import open_backend
     from stillhouse.tasks.config import ModelConfig
 
     params = SamplingParams(temperature=0.7, top_p=0.95, max_new_tokens=48)
     t0 = time.perf_counter()
-    with shards.sharding(shards.Sharding(shard_size=shard_size, dispatch=dispatcher)):
+    with dispatch.sharding(dispatch.Sharding(shard_size=shard_size, dispatch=dispatcher)):
         with open_backend(ModelConfig(name_or_path="tiny-tutor"), cache, step="teacher", batch_size=4) as b:
             out = b.sample(_requests(n), params)
     return [(c.key, c.text) for c in out], time.perf_counter() - t0

@@ -1,8 +1,8 @@
 """Scale-out: a round's generations fan out as shard flow runs over a GPU work pool.
 
 With `execution.work_pool` set, the GPU steps (sample, evaluate, synthesize) run as before in the
-round's flow, but every generation call they make hands its missing shards (tasks/shards.py) to a
-`PoolDispatcher`:
+round's flow, but every generation call they make hands its missing shards
+(tasks/backends/dispatch.py) to a `PoolDispatcher`:
 
 - each shard is a flow run of the shard deployment (`run_shard` below, deployed as
   'stillhouse-shard/gpu-shard' in deployment/prefect.yaml), started with
@@ -35,6 +35,7 @@ from prefect import flow, get_run_logger
 
 from stillhouse.storage import parquet_io
 from stillhouse.tasks import shards
+from stillhouse.tasks.backends import dispatch
 from stillhouse.tasks.config import ExecutionConfig, RunConfig
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,7 @@ class PoolDispatcher:
                         continue
                     if reason == "done":
                         pending.discard(i)
-                        info = shards.read_worker(call_dir, i) or {}
+                        info = dispatch.read_worker(call_dir, i) or {}
                         self.stats["done"] += 1
                         on_done(i, int(info.get("requests", 0)), float(info.get("model_seconds", 0.0)))
                         continue
@@ -172,7 +173,7 @@ class PoolDispatcher:
             return f"flow run {state.name}: {(state.message or '').strip()[:300]}"
         if not (state.is_running() or state.is_pending()):
             return None  # Scheduled / Late / AwaitingConcurrencySlot: waiting for a free worker
-        beat = shards.read_heartbeat(call_dir, i)
+        beat = dispatch.read_heartbeat(call_dir, i)
         mine = beat if beat is not None and beat.get("attempt") == str(attempt) else None
         mark = (state.type.value, mine.get("beat") if mine else None)
         now = time.monotonic()
@@ -206,12 +207,12 @@ def sharded(fn: Callable[..., Any], step: str) -> Callable[..., Any]:
         if ex.work_pool is None or step not in ex.steps:
             if ex.shard_size is None:
                 return fn(cfg, *args, **kwargs)
-            with shards.sharding(shards.Sharding(shard_size=ex.shard_size)):
+            with dispatch.sharding(dispatch.Sharding(shard_size=ex.shard_size)):
                 return fn(cfg, *args, **kwargs)
         round = args[0] if args and isinstance(args[0], int) else kwargs.get("round")
         name = step if round is not None else f"{step}-base"
         dispatcher = PoolDispatcher(ex, cfg.run_name, round, name)
-        with shards.sharding(shards.Sharding(shard_size=ex.shard_size, dispatch=dispatcher)):
+        with dispatch.sharding(dispatch.Sharding(shard_size=ex.shard_size, dispatch=dispatcher)):
             result = fn(cfg, *args, **kwargs)
         result.metrics.update({f"{name.replace('-', '_')}_shards_{k}": v for k, v in dispatcher.stats.items()})
         return result

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stillhouse.tasks.backends.base import Backend
+from stillhouse.tasks.backends.dispatch import SHARDING, Sharding, sharding
 from stillhouse.tasks.backends.resumable import ResumableBackend
 from stillhouse.tasks.config import ModelConfig
 
@@ -121,8 +122,6 @@ def open_backend(
     Use it like a file: `with open_backend(cfg.teacher, cache, step="teacher", batch_size=16) as
     teacher: teacher.sample(...)` closes the model (and a vLLM engine's processes) on the way out.
     """
-    from stillhouse.tasks.shards import SHARDING
-
     factory = BACKENDS[model.backend]
     model_key = {
         "model": model.model_dump(mode="json", exclude=TRANSPORT_FIELDS),
@@ -148,8 +147,6 @@ def open_backend(
 
 def reopen_backend(spec: dict) -> ResumableBackend:
     """The backend `open_backend` described in `spec` (ResumableBackend.spec), in this process."""
-    from stillhouse.tasks.shards import Sharding, sharding
-
     model = ModelConfig.model_validate(spec["model"])
     # The spec's shard size, not the backend default: the call's key and cut depend on it.
     with sharding(Sharding(shard_size=spec["shard_size"])):

@@ -66,7 +66,7 @@ class ResumableBackend:
         self.step = step
         self.model_key = model_key
         self.shard_size = shard_size
-        # How another process opens this same backend (tasks/shards.py): JSON, absolute paths.
+        # How another process opens this same backend (tasks/shards.py runs a shard with it): JSON, absolute paths.
         self.spec = spec
         self.name = f"resumable[{step}]"
         # Counters the flows report (and tests read): how much model work really happened.
@@ -146,9 +146,9 @@ class ResumableBackend:
 
     def _dispatch(self, out: Path, requests: list[SampleRequest], params: SamplingParams, missing: list[int],
                   n: int, done: int, progress: Progress | None) -> bool:
-        """Hand the missing shards to the step's dispatcher (a work pool, see tasks/shards.py), if
+        """Hand the missing shards to the step's dispatcher (a work pool, see tasks/backends/dispatch.py), if
         one is set; True when they were all written elsewhere."""
-        from stillhouse.tasks.shards import SHARDING, write_dispatch
+        from stillhouse.tasks.backends.dispatch import SHARDING, write_dispatch
 
         sharding = SHARDING.get()
         if sharding is None or sharding.dispatch is None:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from stillhouse.storage.catalog import Catalog
-from stillhouse.tasks import shards
+from stillhouse.tasks.backends import dispatch
 from tests.server.harness import PREFECT_FILE, SMOKE, alive
 
 pytestmark = [pytest.mark.server, pytest.mark.integration, pytest.mark.slow]
@@ -60,7 +60,7 @@ def _dataset(workdir: Path) -> list[tuple]:
 def _shard_records(workdir: Path) -> dict[int, dict]:
     """The teacher call's shard records (who ran each shard), by shard index."""
     out = {}
-    for path in (workdir / "cache" / "teacher").glob(f"*/{shards.DISPATCH}/shard-*.worker.json"):
+    for path in (workdir / "cache" / "teacher").glob(f"*/{dispatch.DISPATCH}/shard-*.worker.json"):
         info = json.loads(path.read_text())
         out[info["index"]] = info
     return out
