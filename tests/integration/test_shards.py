@@ -102,3 +102,18 @@ def test_execution_config_is_checked():
         ExecutionConfig(shard_deployment="gpu-shard")
     with pytest.raises(ValueError):
         ExecutionConfig(shard_size=0)
+
+
+@pytest.mark.server
+def test_a_missing_shard_deployment_fails_before_any_shard_with_the_command_to_deploy_it(tmp_path):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from stillhouse.flows.shards import PoolDispatcher
+
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    dispatcher = PoolDispatcher(ExecutionConfig(work_pool="gpu"), "run", 0, "sample")
+    with prefect_test_harness(server_startup_timeout=120):
+        with pytest.raises(ValueError, match=r"'stillhouse-shard/gpu-shard' does not exist.*--name gpu-shard --pool gpu"):
+            dispatcher(tmp_path, [0, 1], 2, lambda *a: None)
+    assert dispatcher.stats["done"] == 0
