@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,6 +40,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# This process's log lines stay on the console: shipped to the API they would be flushed at exit,
+# after the server is gone, and print an error after the result line.
+os.environ.setdefault("PREFECT_LOGGING_TO_API_ENABLED", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -114,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{workers} worker(s): {walls[workers]:.1f} s for {args.shards} shards", flush=True)
     finally:
         procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     o = max((walls[1] - t_in) / args.shards, 0.0)
     speedup = walls[1] / walls[2]
