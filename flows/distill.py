@@ -41,6 +41,7 @@ from prefect.states import Completed
 
 from stillhouse.flows.lifecycle import preflight, safe_point
 from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
+from stillhouse.flows.shards import sharded
 from stillhouse.storage.catalog import CatalogLockedError
 from stillhouse.storage.lock import RunLock
 from stillhouse.tasks import steps
@@ -135,15 +136,15 @@ def _step(fn, *, gpu: bool = False, retries: int = 0):
 
 
 seed_problems = _step(steps.seed_problems, retries=2)
-sample_teacher = _step(steps.sample_teacher, gpu=True, retries=1)
+sample_teacher = _step(sharded(steps.sample_teacher, "sample"), gpu=True, retries=1)
 verify_samples = _step(steps.verify_samples)
 weigh_samples = _step(steps.weigh_samples)
 commit_version = _step(steps.commit_version, retries=1)
 train_student = _step(steps.train_student, gpu=True)
-evaluate_base_student = _step(steps.evaluate_base, gpu=True)
-evaluate_student = _step(steps.evaluate, gpu=True)
+evaluate_base_student = _step(sharded(steps.evaluate_base, "evaluate"), gpu=True)
+evaluate_student = _step(sharded(steps.evaluate, "evaluate"), gpu=True)
 split_pool = _step(steps.split_pool)
-synthesize_problems = _step(steps.synthesize_problems, gpu=True, retries=1)
+synthesize_problems = _step(sharded(steps.synthesize_problems, "synthesize"), gpu=True, retries=1)
 
 
 def _progress(cfg: RunConfig, round: int, what: str) -> ProgressReporter:

@@ -517,6 +517,72 @@ class CostConfig(_Section):
         return self
 
 
+class ExecutionConfig(_Section):
+    """Where a round's model work runs. Default: in the round's own process, as a single machine does.
+
+    With `work_pool` set, the teacher/student generations of sample, evaluate and synthesize fan out:
+    each shard of a generation call (the unit the run's cache already resumes by) becomes a flow run
+    of `shard_deployment` on that pool, picked up by whichever worker is free; the round waits,
+    resubmits lost or crashed shards and reads the merged call from the run's cache, so the result
+    is the in-process one. The run's workdir (or cache_dir) must be on storage every worker sees.
+    """
+
+    work_pool: str | None = Field(
+        None,
+        description="Prefect work pool of the GPU workers (e.g. 'gpu'); None = everything runs in the "
+        "round's process. The shard deployment must be on this pool (checked before the first shard).",
+    )
+    shard_deployment: str = Field(
+        "stillhouse-shard/gpu-shard",
+        description="'<flow name>/<deployment name>' of the shard flow (stillhouse.flows.shards:run_shard), "
+        "deployed on `work_pool` (deployment/prefect.yaml, deployment 'gpu-shard').",
+    )
+    shard_size: int | None = Field(
+        None,
+        ge=1,
+        description="Requests per shard (one flow run, one cached Parquet part); None = the backend's "
+        "cache shard (hf: 4 x batch size, vllm: >= 1024, openai: >= 4 x max_concurrency). It is part "
+        "of the cache key of a generation call, in process too: keep it when moving a run between "
+        "in-process and pool execution, or the finished parts are not found.",
+    )
+    steps: list[Literal["sample", "evaluate", "synthesize"]] = Field(
+        default_factory=lambda: ["sample", "evaluate", "synthesize"],
+        description="Which GPU steps fan out over the pool when work_pool is set; the others run in "
+        "the round's process.",
+    )
+    max_resubmits: int = Field(
+        2, ge=0,
+        description="Times one shard is resubmitted after its flow run crashed, failed, was cancelled or "
+        "went silent (lost worker), before the step fails with each attempt's reason.",
+    )
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="A running shard touches its heartbeat file in the run's cache this often."
+    )
+    lost_after_s: float = Field(
+        60.0, gt=0,
+        description="A shard whose flow run is Running but whose heartbeat has not moved for this long "
+        "(measured on the round's clock, so worker clocks need not agree) is lost: its flow run is "
+        "marked Crashed and the shard resubmitted. A worker killed with -9 leaves its run Running "
+        "forever; this is how the round notices.",
+    )
+    start_timeout_s: float = Field(
+        300.0, gt=0,
+        description="A shard whose flow run a worker has taken (Pending or Running) but that has not "
+        "written its first heartbeat after this long is lost too. Starting a flow-run process (pull "
+        "steps, imports) took 20-30 s on a loaded 2-core machine, so this is looser than lost_after_s.",
+    )
+    poll_s: float = Field(2.0, gt=0, description="Seconds between the round's looks at its shards.")
+
+    @model_validator(mode="after")
+    def _heartbeat_below_lost(self) -> ExecutionConfig:
+        if self.heartbeat_s * 2 > self.lost_after_s:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of lost_after_s "
+                             f"({self.lost_after_s}), or a slow heartbeat reads as a lost shard")
+        if "/" not in self.shard_deployment.strip("/"):
+            raise ValueError(f"shard_deployment {self.shard_deployment!r}: expected '<flow name>/<deployment name>'")
+        return self
+
+
 # A bound, not a target: each round adds a catalog version and a trained adapter, so a number past
 # this is a typo (or `--rounds 100000000000000000000`), not a plan.
 MAX_ROUNDS = 1000
@@ -567,6 +633,10 @@ class RunConfig(_Section):
     )
     cost: CostConfig = Field(
         default_factory=CostConfig, description="Teacher token prices and an optional run budget."
+    )
+    execution: ExecutionConfig = Field(
+        default_factory=ExecutionConfig,
+        description="In process (default) or fanned out as shard flow runs over a GPU work pool.",
     )
 
     @model_validator(mode="before")

@@ -204,6 +204,13 @@ def round_markdown(run_name: str, label: str, m: dict[str, Any], history: list[d
         ["teacher cost", num(m.get("cost"), 4)],
     ]
     lines += ["", "## Cost", ""] + table(["", "this round"], cost)
+    shards = [[step, num(m.get(f"{step}_shards_total")), num(m.get(f"{step}_shards_reused")),
+               num(m.get(f"{step}_shards_done")), num(m.get(f"{step}_shards_failed")),
+               num(m.get(f"{step}_shards_resubmitted"))]
+              for step in ("sample", "evaluate", "synthesize") if m.get(f"{step}_shards_total")]
+    if shards:  # execution.work_pool: the GPU steps ran as shard flow runs on the pool
+        lines += ["", "## Shards on the work pool", ""] + table(
+            ["step", "shards", "found done", "run now", "failed", "resubmitted"], shards)
     for name, data in (plots or {}).items():
         lines += ["", f"![{name}](data:image/png;base64,{data})"]
     return "\n".join(lines) + "\n"

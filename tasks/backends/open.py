@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from stillhouse.tasks.backends.base import Backend
+from stillhouse.tasks.backends.dispatch import SHARDING, Sharding, sharding
 from stillhouse.tasks.backends.resumable import ResumableBackend
 from stillhouse.tasks.config import ModelConfig
 
@@ -127,10 +128,27 @@ def open_backend(
         "adapter": adapter_key,
     }
     work_dir = Path(cache_dir) / "backends" / model.backend
+    sharding = SHARDING.get()
+    size = (sharding.shard_size if sharding is not None else None) or shard_size(model, batch_size)
+    # Everything needed to open this same backend in another process (a shard on a worker):
+    # absolute paths, as the worker's working directory is not ours.
+    spec = {"model": model.model_dump(mode="json"), "cache_dir": str(Path(cache_dir).resolve()), "step": step,
+            "batch_size": batch_size, "shard_size": size,
+            "adapter": str(Path(adapter).resolve()) if adapter else None, "adapter_key": adapter_key}
     return ResumableBackend(
         lambda: factory(model, batch_size, adapter, work_dir),
         cache_dir,
         step=step,
         model_key=model_key,
-        shard_size=shard_size(model, batch_size),
+        shard_size=size,
+        spec=spec,
     )
+
+
+def reopen_backend(spec: dict) -> ResumableBackend:
+    """The backend `open_backend` described in `spec` (ResumableBackend.spec), in this process."""
+    model = ModelConfig.model_validate(spec["model"])
+    # The spec's shard size, not the backend default: the call's key and cut depend on it.
+    with sharding(Sharding(shard_size=spec["shard_size"])):
+        return open_backend(model, spec["cache_dir"], step=spec["step"], batch_size=spec["batch_size"],
+                            adapter=spec["adapter"], adapter_key=spec["adapter_key"])

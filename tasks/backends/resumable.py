@@ -65,6 +65,7 @@ class ResumableBackend:
         step: str,
         model_key: object,
         shard_size: int = 64,
+        spec: dict | None = None,
     ):
         self._factory = factory
         self._backend: Backend | None = None
@@ -72,6 +73,8 @@ class ResumableBackend:
         self.step = step
         self.model_key = model_key
         self.shard_size = shard_size
+        # How another process opens this same backend (tasks/shards.py runs a shard with it): JSON, absolute paths.
+        self.spec = spec
         self.name = f"resumable[{step}]"
         # Counters the flows report (and tests read): how much model work really happened.
         self.generated = 0
@@ -134,6 +137,8 @@ class ResumableBackend:
             done = (len(shards) - len(missing)) * self.shard_size
             if missing:
                 log.info("%s: %d of %d shards to generate in %s", self.step, len(missing), len(shards), out)
+            if missing and self._dispatch(out, requests, params, missing, len(shards), done, progress):
+                missing = []
             for index in missing:
                 part = shards[index]
 
@@ -145,7 +150,7 @@ class ResumableBackend:
                 t0 = time.perf_counter()
                 completions = backend.sample(part, params, shard_progress)
                 self.model_seconds += time.perf_counter() - t0
-                parquet_io.write_shard(_to_table(completions), out, index)
+                self.write_part(completions, out, index)
                 self.generated += len(completions)
                 done += len(part)
                 if progress:
@@ -164,6 +169,47 @@ class ResumableBackend:
         self.prompt_tokens += sum(c.prompt_tokens for c in got)
         self.completion_tokens += sum(c.completion_tokens for c in got)
         return got
+
+    def _dispatch(self, out: Path, requests: list[SampleRequest], params: SamplingParams, missing: list[int],
+                  n: int, done: int, progress: Progress | None) -> bool:
+        """Hand the missing shards to the step's dispatcher (a work pool, see tasks/backends/dispatch.py), if
+        one is set; True when they were all written elsewhere."""
+        from stillhouse.tasks.backends.dispatch import SHARDING, write_dispatch
+
+        sharding = SHARDING.get()
+        if sharding is None or sharding.dispatch is None:
+            return False
+        if self.spec is None:
+            raise ValueError(f"{self.step}: this backend has no spec to reopen it on a worker")
+        write_dispatch(out, self.spec, requests, params, self.shard_size)
+        finished = done
+
+        def on_done(index: int, generated: int, model_seconds: float) -> None:
+            nonlocal finished
+            self.generated += generated
+            self.model_seconds += model_seconds
+            finished += min(self.shard_size, len(requests) - index * self.shard_size)
+            if progress:
+                progress(min(finished, len(requests)), len(requests))
+
+        sharding.dispatch(out, missing, n, on_done)
+        left = parquet_io.missing_shards(out, n)
+        if left:
+            raise RuntimeError(f"{out}: shards {left[:10]} still missing after the dispatcher returned")
+        return True
+
+    def generate_shard(self, part: list[SampleRequest], params: SamplingParams) -> list[Completion]:
+        """One shard's completions, generated here (a worker running a dispatched shard)."""
+        backend = self.backend
+        t0 = time.perf_counter()
+        completions = backend.sample(part, params)
+        self.model_seconds += time.perf_counter() - t0
+        self.generated += len(completions)
+        return completions
+
+    @staticmethod
+    def write_part(completions: list[Completion], out: Path, index: int) -> None:
+        parquet_io.write_shard(_to_table(completions), out, index)
 
     def close(self) -> None:
         if self._backend is not None:

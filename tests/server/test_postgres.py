@@ -129,20 +129,24 @@ def _sample(pid: str, k: int) -> dict:
             "prompt_tokens": 1, "completion_tokens": 1, "finish_reason": "stop"}
 
 
-def test_catalog_rounds_on_a_postgres_metadata_store(postgres, tmp_path, monkeypatch):
+def _home_with_postgres_extension(tmp_path: Path) -> Path:
+    """A HOME whose DuckDB extension folder holds the packaged postgres extension: DuckLake loads it
+    on ATTACH through DuckDB's autoloading, which looks in $HOME/.duckdb/extensions/<version>/<platform>/
+    before the network."""
     import duckdb
 
     ext = _packaged_postgres_extension()
     if ext is None:
         pytest.skip("no duckdb-extension-postgres package matching this duckdb")
-
-    # DuckLake loads the postgres extension on ATTACH through DuckDB's autoloading, which looks in
-    # $HOME/.duckdb/extensions/<version>/<platform>/ before the network.
     platform = duckdb.execute("PRAGMA platform").fetchone()[0]
     ext_dir = tmp_path / "home" / ".duckdb" / "extensions" / f"v{duckdb.__version__}" / platform
     ext_dir.mkdir(parents=True)
     shutil.copy(ext, ext_dir / "postgres_scanner.duckdb_extension")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+def test_catalog_rounds_on_a_postgres_metadata_store(postgres, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(_home_with_postgres_extension(tmp_path)))
 
     data_path = str(tmp_path / "lake-data") + "/"
     kw = {"catalog_uri": f"postgres:{postgres['dsn']}", "data_path": data_path}
@@ -196,3 +200,44 @@ def test_prefect_server_on_postgres_holds_pools_and_the_gpu_limit(postgres, tmp_
                               check=True).stdout.split()
     assert query("SELECT name FROM work_pool WHERE name = 'stillhouse-gpu'") == ["stillhouse-gpu"]
     assert query("SELECT \"limit\" FROM concurrency_limit_v2 WHERE name = 'tag:gpu'") == ["2"]
+
+
+@pytest.mark.slow
+def test_the_whole_smoke_flow_on_a_postgres_catalog(postgres, tmp_path, models_dir, monkeypatch):
+    """`stillhouse run` of the smoke config (2 rounds: sample to synthesis) with `catalog.uri` on
+    PostgreSQL: both rounds committed there, the synthesized problems of round 0 in round 1's pool,
+    and no local metadata file; a rerun adds nothing."""
+    import sys
+
+    import yaml
+
+    from tests.server.harness import SMOKE, Procs, child_env
+
+    home = _home_with_postgres_extension(tmp_path)
+    monkeypatch.setenv("HOME", str(home))  # this process reads the catalog too
+    data = yaml.safe_load(SMOKE.read_text())
+    workdir = tmp_path / "run"
+    kw = {"catalog_uri": f"postgres:{postgres['dsn']}", "data_path": str(tmp_path / "lake-data") + "/"}
+    data.update(workdir=str(workdir), catalog={"uri": kw["catalog_uri"], "data_path": kw["data_path"]})
+    config = tmp_path / "smoke-pg.yaml"
+    config.write_text(yaml.safe_dump(data))
+    procs = Procs(tmp_path / "logs", {**child_env(tmp_path / "prefect-home", models_dir, None), "HOME": str(home)})
+    try:
+        procs.run(sys.executable, "-m", "stillhouse.flows.cli", "run", str(config), timeout=600)
+        with Catalog(tmp_path / "elsewhere", read_only=True, **kw) as cat:
+            rounds = {r.round: (r.status, r.samples) for r in cat.status().rounds}
+            problems = cat.read("problems").to_pylist()
+        assert {r: st for r, (st, _) in rounds.items()} == {0: "committed", 1: "committed"}
+        assert all(n > 0 for _, n in rounds.values()), rounds
+        assert any(p["round_introduced"] == 1 for p in problems), "no synthesized problem reached round 1"
+        assert not (workdir / "catalog" / "metadata.ducklake").exists()
+        out = subprocess.run([*postgres["psql"], "SELECT count(*) FROM ducklake_snapshot", "-d", "lake"],
+                             capture_output=True, text=True, check=True)
+        snapshots = int(out.stdout.strip())
+        procs.run(sys.executable, "-m", "stillhouse.flows.cli", "run", str(config), timeout=600)
+        with Catalog(tmp_path / "elsewhere", read_only=True, **kw) as cat:
+            assert {r.round: (r.status, r.samples) for r in cat.status().rounds} == rounds
+            assert cat.read("problems").num_rows == len(problems)
+    finally:
+        procs.stop_all()
+    assert snapshots >= 4

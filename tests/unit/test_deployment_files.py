@@ -28,8 +28,16 @@ def _prefect_yaml() -> dict:
     return yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
 
 
+SHARD_ENTRY = "stillhouse.flows.shards:run_shard"
+
+
 def _deployments() -> dict[str, dict]:
-    return {d["name"]: d for d in _prefect_yaml()["deployments"]}
+    """The scheduled deployments (the shard deployments are started by a round, see below)."""
+    return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] != SHARD_ENTRY}
+
+
+def _shard_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] == SHARD_ENTRY}
 
 
 def _template() -> dict:
@@ -143,14 +151,35 @@ def test_k8s_template_placeholders_are_all_declared_variables():
     assert used <= set(template["variables"]["properties"]), used - set(template["variables"]["properties"])
 
 
-def test_k8s_deployment_job_variables_fit_the_template_schema():
+@pytest.mark.parametrize("name", ["gsm8k-weekly-k8s", "gpu-shard-k8s"])
+def test_k8s_deployment_job_variables_fit_the_template_schema(name):
     import jsonschema
 
     template = _template()
-    job_variables = _deployments()["gsm8k-weekly-k8s"]["work_pool"]["job_variables"]
+    d = {**_deployments(), **_shard_deployments()}[name]
+    job_variables = d["work_pool"]["job_variables"]
     schema = {**template["variables"], "required": []}
     jsonschema.validate(job_variables, schema)
     assert set(job_variables) <= set(template["variables"]["properties"])
+
+
+def test_shard_deployments_run_the_shard_flow_the_config_names_by_default():
+    """The default execution.shard_deployment is in the file, unscheduled (a round starts its
+    shards), and its parameters are the shard flow's."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from stillhouse.flows.shards import run_shard
+    from stillhouse.tasks.config import ExecutionConfig
+
+    shards = _shard_deployments()
+    assert {"gpu-shard", "gpu-shard-k8s"} <= set(shards)
+    flow_name, deployment = ExecutionConfig().shard_deployment.split("/")
+    assert flow_name == run_shard.name and deployment in shards
+    for name, d in shards.items():
+        assert load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False).fn is run_shard.fn, name
+        assert not d.get("schedules"), name
+    assert shards["gpu-shard"]["work_pool"]["name"] == _deployments()["gsm8k-nightly"]["work_pool"]["name"]
+    assert shards["gpu-shard-k8s"]["work_pool"]["name"] == _deployments()["gsm8k-weekly-k8s"]["work_pool"]["name"]
 
 
 def test_k8s_job_requests_gpus_mounts_the_run_volume_and_sets_the_image():

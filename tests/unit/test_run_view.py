@@ -122,3 +122,13 @@ def test_two_runs_of_one_name_have_different_labels(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # one directory, however it is spelled, is one run
     assert workdir_id("a") == workdir_id(tmp_path / "a") == workdir_id(f".{os.sep}a")
+
+
+def test_shards_on_a_work_pool_are_counted_on_the_round_page():
+    plain = round_markdown("smoke", "smoke-abc123", _round(), [], None, rounds_total=2)
+    assert "Shards on the work pool" not in plain  # in process: no shard table
+    pooled = _round(sample_shards_total=4, sample_shards_reused=1, sample_shards_done=3,
+                    sample_shards_failed=1, sample_shards_resubmitted=1)
+    md = round_markdown("smoke", "smoke-abc123", pooled, [], None, rounds_total=2)
+    assert "| sample | 4 | 1 | 3 | 1 | 1 |" in md
+    assert all(len(set(rows)) == 1 for rows in _tables(md))
