@@ -31,6 +31,7 @@ import yaml
 
 from stillhouse.storage.catalog import Catalog
 from stillhouse.tasks.backends import dispatch
+from stillhouse.tasks.run_view import run_label
 from tests.server.harness import PREFECT_FILE, SMOKE, alive
 
 pytestmark = [pytest.mark.server, pytest.mark.integration, pytest.mark.slow]
@@ -170,7 +171,9 @@ def test_shards_on_two_workers_equal_in_process_and_survive_a_lost_worker(pool, 
         runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-shard-")))
     states = [r.state.type.value for r in runs]
     assert states.count("CRASHED") >= 1 and "RUNNING" not in states and "PENDING" not in states, states
-    assert all(r.name.startswith("smoke-round-0-sample-") for r in runs), [r.name for r in runs]
+    # named after the run's label (its name and workdir id), under its round and step
+    label = run_label("smoke", tmp_path / "pooled")
+    assert all(r.name.startswith(f"{label}-round-0-sample-") for r in runs), [r.name for r in runs]
 
     # A rerun finds every shard done: nothing is submitted, nothing added to the catalog.
     again = _run(procs, _config(tmp_path, "pooled", EXECUTION), "again")
