@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from stillhouse.storage.lock import RunLock
+from stillhouse.tasks.run_view import run_label
 from tests.integration.test_flows import SMOKE, _export, _kill_config, _wait_for
 from tests.integration.test_openai_backend import MODEL, EchoingOpenAI
 
@@ -118,7 +119,7 @@ def test_signals_stop_the_run_at_a_safe_point_and_a_rerun_equals_uninterrupted(e
     assert not list((workdir / "cache" / "teacher").glob("*/_manifest.json")), "stopped too late"
     RunLock(workdir).acquire().release()  # the workdir lock is free
     assert _server_gone(log)  # and the run's Prefect API went with it
-    assert _flow_run_states(env["PREFECT_HOME"], "smoke")[-1] == "CRASHED"
+    assert _flow_run_states(env["PREFECT_HOME"], run_label("smoke", workdir))[-1] == "CRASHED"
 
     # Ctrl-C twice mid-training: the second one stops at once.
     proc = _start(cfg, env, log)
@@ -126,7 +127,7 @@ def test_signals_stop_the_run_at_a_safe_point_and_a_rerun_equals_uninterrupted(e
     stops["SIGINT twice mid-training"] = _signal_group(proc, signal.SIGINT, signal.SIGINT, gap_s=0.2)
     assert proc.returncode == 128 + signal.SIGINT
     assert not list((workdir / "adapters").glob("round-0/*/metrics.json")), "stopped too late: training finished"
-    assert _flow_run_states(env["PREFECT_HOME"], "smoke")[-1] == "CRASHED"
+    assert _flow_run_states(env["PREFECT_HOME"], run_label("smoke", workdir))[-1] == "CRASHED"
 
     # SIGTERM (systemd, docker stop) once round 1 has started.
     proc = _start(cfg, env, log)
