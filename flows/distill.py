@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
-from stillhouse.flows.lifecycle import preflight, safe_point
+from stillhouse.flows.lifecycle import preflight, safe_point, signal_lost_in
 from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
 from stillhouse.flows.shards import sharded
 from stillhouse.storage.catalog import CatalogLockedError
@@ -100,7 +100,13 @@ def _step(fn, *, gpu: bool = False, retries: int = 0):
 
     def step(*args, **kwargs):
         safe_point()  # a stop asked for while the previous step ran takes effect here
-        result = fn(*args, **kwargs)
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as err:
+            stop = signal_lost_in(err)  # a signal during a catalog query: the stop, not a failure
+            if stop is not None:
+                raise stop from err
+            raise
         if isinstance(result, StepResult) and result.name in ROLES:
             # Into the ledger as soon as the step ends: the budget check of the round's next
             # teacher step counts it. Steps take (config, round, ...); the base evaluation has no round.
@@ -158,6 +164,9 @@ def _write_report(cfg: RunConfig) -> tuple[str | None, dict[str, str]]:
     try:
         _, html_path = build_report(cfg.workdir, cfg.run_name)
     except Exception as err:  # the run's record is already written; the report is a view of it
+        stop = signal_lost_in(err)  # ... but a stop that arrived during its queries is a stop
+        if stop is not None:
+            raise stop from err
         get_run_logger().warning("report not written: %s", err)
         return None, {}
     return str(html_path), report_plots(Path(html_path).parent)

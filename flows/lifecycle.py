@@ -98,6 +98,24 @@ def stop_signal(exc: BaseException) -> int | None:
     return None
 
 
+def signal_lost_in(exc: BaseException) -> BaseException | None:
+    """The stop that `exc` hides, or None.
+
+    A signal's exception (ours: KeyboardInterrupt or RunStopped; Prefect's TerminationSignal for
+    SIGTERM in a flow) raised while DuckDB runs a query comes back as DuckDB's own error
+    (`RuntimeError('Query interrupted')`), an ordinary Exception that a step would report as a
+    failure (exit 1, or swallowed where errors are only logged) instead of the stop it was. The
+    signal's exception is still in the error's context chain: find it there."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if not isinstance(e, Exception) and stop_signal(e) is not None:
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _handler(grace_s: float):
     def handle(signum: int, frame) -> None:
         unwinding = sys.exc_info()[1]

@@ -71,3 +71,34 @@ def test_without_a_safe_point_the_grace_period_ends_the_wait():
     proc.send_signal(signal.SIGTERM)
     out, _ = _stopped(proc, timeout=30)
     assert out == f"stopped {int(signal.SIGTERM)} RunStopped"
+
+
+def test_a_signal_during_a_duckdb_query_is_still_a_stop():
+    """DuckDB answers a signal's exception raised during a query with RuntimeError('Query
+    interrupted'); a round's report swallowed it as a failed report and the run went on past the
+    SIGTERM (caught by tests/integration/test_run_reliability.py). The stop is found in its chain.
+    In a child process of its own: a signal handler of the test's would fight pytest's."""
+    script = textwrap.dedent("""
+        import os, signal, threading
+        import duckdb
+        from stillhouse.flows.lifecycle import signal_lost_in
+
+        def handler(signum, frame):
+            raise KeyboardInterrupt("the signal")
+
+        signal.signal(signal.SIGUSR1, handler)
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        try:
+            duckdb.connect().execute("SELECT count(*) FROM range(100000000000) t(a) WHERE a % 7 = 3").fetchall()
+            print("not interrupted")
+        except Exception as err:  # an ordinary Exception, not the interrupt
+            stop = signal_lost_in(err)
+            print(type(err).__name__, type(stop).__name__, stop)
+        try:
+            raise ValueError("bad row")
+        except ValueError as err:
+            print("plain", signal_lost_in(err), signal_lost_in(RuntimeError("Query interrupted")))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["RuntimeError KeyboardInterrupt the signal", "plain None None"]
