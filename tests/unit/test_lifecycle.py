@@ -75,30 +75,27 @@ def test_without_a_safe_point_the_grace_period_ends_the_wait():
 
 def test_a_signal_during_a_duckdb_query_is_still_a_stop():
     """DuckDB answers a signal's exception raised during a query with RuntimeError('Query
-    interrupted'); a round's report swallowed it as a failed report and the run went on past the
-    SIGTERM (caught by tests/integration/test_run_reliability.py). The stop is found in its chain.
-    In a child process of its own: a signal handler of the test's would fight pytest's."""
-    script = textwrap.dedent("""
-        import os, signal, threading
-        import duckdb
-        from stillhouse.flows.lifecycle import signal_lost_in
+    interrupted'), the signal's exception as its context; a round's report swallowed it as a failed
+    report and the run went on past the SIGTERM (caught by tests/integration/
+    test_run_reliability.py, which sends SIGTERM through a real run). The stop is found in the
+    chain. (The error is built here as DuckDB builds it: a real query interrupted by a real signal
+    was not reliably interrupted on a loaded CI machine within two minutes.)"""
+    from stillhouse.flows.lifecycle import RunStopped, signal_lost_in
 
-        def handler(signum, frame):
-            raise KeyboardInterrupt("the signal")
+    def duckdb_style(signal_exc: BaseException) -> Exception:
+        try:
+            try:
+                raise signal_exc
+            except BaseException:
+                raise RuntimeError("Query interrupted")  # noqa: B904 -- as DuckDB does: context, no cause
+        except RuntimeError as err:
+            return err
 
-        signal.signal(signal.SIGUSR1, handler)
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGUSR1)).start()
-        try:
-            duckdb.connect().execute("SELECT count(*) FROM range(100000000000) t(a) WHERE a % 7 = 3").fetchall()
-            print("not interrupted")
-        except Exception as err:  # an ordinary Exception, not the interrupt
-            stop = signal_lost_in(err)
-            print(type(err).__name__, type(stop).__name__, stop)
-        try:
-            raise ValueError("bad row")
-        except ValueError as err:
-            print("plain", signal_lost_in(err), signal_lost_in(RuntimeError("Query interrupted")))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == ["RuntimeError KeyboardInterrupt the signal", "plain None None"]
+    for stop in (KeyboardInterrupt("ctrl-c"), RunStopped(signal.SIGINT)):
+        assert signal_lost_in(duckdb_style(stop)) is stop
+    from prefect.exceptions import TerminationSignal
+
+    term = TerminationSignal(signal=signal.SIGTERM)
+    assert signal_lost_in(duckdb_style(term)) is term
+    assert signal_lost_in(RuntimeError("Query interrupted")) is None  # no signal behind it
+    assert signal_lost_in(duckdb_style(ValueError("bad row"))) is None  # an ordinary error's chain
