@@ -41,7 +41,7 @@ from prefect.states import Completed
 
 from stillhouse.flows.lifecycle import preflight, safe_point, signal_lost_in
 from stillhouse.flows.monitoring import ProgressReporter, publish_report, publish_round
-from stillhouse.flows.shards import sharded
+from stillhouse.flows.shards import pooled_train, sharded
 from stillhouse.storage.catalog import CatalogLockedError
 from stillhouse.storage.lock import RunLock
 from stillhouse.tasks import steps
@@ -146,7 +146,7 @@ sample_teacher = _step(sharded(steps.sample_teacher, "sample"), gpu=True, retrie
 verify_samples = _step(steps.verify_samples)
 weigh_samples = _step(steps.weigh_samples)
 commit_version = _step(steps.commit_version, retries=1)
-train_student = _step(steps.train_student, gpu=True)
+train_student = _step(pooled_train(steps.train_student), gpu=True)
 evaluate_base_student = _step(sharded(steps.evaluate_base, "evaluate"), gpu=True)
 evaluate_student = _step(sharded(steps.evaluate, "evaluate"), gpu=True)
 split_pool = _step(steps.split_pool)

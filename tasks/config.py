@@ -524,7 +524,8 @@ class ExecutionConfig(_Section):
     each shard of a generation call (the unit the run's cache already resumes by) becomes a flow run
     of `shard_deployment` on that pool, picked up by whichever worker is free; the round waits,
     resubmits lost or crashed shards and reads the merged call from the run's cache, so the result
-    is the in-process one. The run's workdir (or cache_dir) must be on storage every worker sees.
+    is the in-process one. The LoRA training becomes one flow run of `train_deployment`, watched and
+    resubmitted the same way. The run's workdir (and cache_dir) must be on storage every worker sees.
     """
 
     work_pool: str | None = Field(
@@ -545,10 +546,17 @@ class ExecutionConfig(_Section):
         "of the cache key of a generation call, in process too: keep it when moving a run between "
         "in-process and pool execution, or the finished parts are not found.",
     )
-    steps: list[Literal["sample", "evaluate", "synthesize"]] = Field(
-        default_factory=lambda: ["sample", "evaluate", "synthesize"],
-        description="Which GPU steps fan out over the pool when work_pool is set; the others run in "
-        "the round's process.",
+    train_deployment: str = Field(
+        "stillhouse-train/gpu-train",
+        description="'<flow name>/<deployment name>' of the training flow (stillhouse.flows.shards:run_train), "
+        "deployed on `work_pool` (deployment/prefect.yaml, deployment 'gpu-train'); used when 'train' is in "
+        "`steps`.",
+    )
+    steps: list[Literal["sample", "train", "evaluate", "synthesize"]] = Field(
+        default_factory=lambda: ["sample", "train", "evaluate", "synthesize"],
+        description="Which GPU steps run on the pool when work_pool is set: sample, evaluate and "
+        "synthesize as one flow run per shard, train as one flow run of `train_deployment` (the "
+        "adapter written into the run's workdir); the others run in the round's process.",
     )
     max_resubmits: int = Field(
         2, ge=0,
@@ -578,8 +586,10 @@ class ExecutionConfig(_Section):
         if self.heartbeat_s * 2 > self.lost_after_s:
             raise ValueError(f"heartbeat_s ({self.heartbeat_s}) must be at most half of lost_after_s "
                              f"({self.lost_after_s}), or a slow heartbeat reads as a lost shard")
-        if "/" not in self.shard_deployment.strip("/"):
-            raise ValueError(f"shard_deployment {self.shard_deployment!r}: expected '<flow name>/<deployment name>'")
+        for name in ("shard_deployment", "train_deployment"):
+            value = getattr(self, name)
+            if "/" not in value.strip("/"):
+                raise ValueError(f"{name} {value!r}: expected '<flow name>/<deployment name>'")
         return self
 
 

@@ -207,7 +207,7 @@ def round_markdown(run_name: str, label: str, m: dict[str, Any], history: list[d
     shards = [[step, num(m.get(f"{step}_shards_total")), num(m.get(f"{step}_shards_reused")),
                num(m.get(f"{step}_shards_done")), num(m.get(f"{step}_shards_failed")),
                num(m.get(f"{step}_shards_resubmitted"))]
-              for step in ("sample", "evaluate", "synthesize") if m.get(f"{step}_shards_total")]
+              for step in ("sample", "train", "evaluate", "synthesize") if m.get(f"{step}_shards_total")]
     if shards:  # execution.work_pool: the GPU steps ran as shard flow runs on the pool
         lines += ["", "## Shards on the work pool", ""] + table(
             ["step", "shards", "found done", "run now", "failed", "resubmitted"], shards)

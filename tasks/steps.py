@@ -374,6 +374,17 @@ def adapter_dir(cfg: RunConfig, round: int, key: str) -> Path:
     return Path(cfg.workdir) / "adapters" / f"round-{round}" / key[:16]
 
 
+def train_target(cfg: RunConfig, round: int, version: StepResult,
+                 previous: StepResult | None) -> tuple[str, Path, str | None]:
+    """The training's key, its adapter folder and the adapter it starts from (None: the base model)."""
+    init = previous.path if (previous is not None and cfg.training.init == "previous") else None
+    key = parquet_io.content_hash(
+        {"version": version.key, "init": previous.key if init else None,
+         **cfg.section_dict("student", "training", "prompts")}
+    )
+    return key, adapter_dir(cfg, round, key), init
+
+
 def train_student(
     cfg: RunConfig, round: int, version: StepResult, previous: StepResult | None,
     progress: Progress | None = None,
@@ -384,12 +395,7 @@ def train_student(
     from stillhouse.tasks.training.data import TrainExample
     from stillhouse.tasks.training.trainer import finished_result, train_lora
 
-    init = previous.path if (previous is not None and cfg.training.init == "previous") else None
-    key = parquet_io.content_hash(
-        {"version": version.key, "init": previous.key if init else None,
-         **cfg.section_dict("student", "training", "prompts")}
-    )
-    out = adapter_dir(cfg, round, key)
+    key, out, init = train_target(cfg, round, version, previous)
     base = model_path(cfg.student.model)
     result = finished_result(out)
     computed = result is None
