@@ -1,4 +1,4 @@
-"""Scale-out: a round's generations fan out as shard flow runs over a GPU work pool.
+"""Scale-out: a round's model work fans out as flow runs over a GPU work pool.
 
 With `execution.work_pool` set, the GPU steps (sample, evaluate, synthesize) run as before in the
 round's flow, but every generation call they make hands its missing shards
@@ -19,10 +19,15 @@ round's flow, but every generation call they make hands its missing shards
   per-request seeds, so the result is the in-process one.
 
 The step's metrics get `<step>_shards_{total,done,reused,failed,resubmitted}` for the round's artifact.
+
+The round's LoRA training goes the same way as one job (`pooled_train`, `run_train` below, deployed as
+'stillhouse-train/gpu-train'): the worker trains from a job folder beside the adapter folder
+(tasks/train_job.py) and the round, once the job is done, finds the adapter finished.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -176,9 +181,10 @@ class PoolDispatcher:
                 missing_output="its flow run completed without writing the part (cache not shared with the worker?)",
             )
 
-        self.run_jobs([shard(i) for i in missing])
+        self.run_jobs([shard(i) for i in missing], f"{len(missing)} shards submitted to {self.ex.shard_deployment} "
+                                                    f"({n - len(missing)} already done)")
 
-    def run_jobs(self, jobs: list[PoolJob]) -> None:
+    def run_jobs(self, jobs: list[PoolJob], announce: str) -> None:
         """Submit each job as a flow run on the pool, wait for all of them, resubmit lost or failed
         ones (at most max_resubmits times each); returns once every job is done."""
         if not jobs:
@@ -191,8 +197,7 @@ class PoolDispatcher:
             reasons: dict[int, list[str]] = {k: [] for k in runs}
             # Per job: (flow run state, heartbeat beat, when either last changed on OUR clock).
             seen: dict[int, tuple[str, Any, float]] = {}
-            _log().info("%s: %d %s submitted to %s", self.prefix, len(jobs),
-                        "job" if len(jobs) == 1 else "jobs", ", ".join(sorted({j.deployment for j in jobs})))
+            _log().info("%s: %s", self.prefix, announce)
             pending = set(runs)
             while pending:
                 time.sleep(self.ex.poll_s)
@@ -308,13 +313,12 @@ def pooled_train(fn: Callable[..., Any]) -> Callable[..., Any]:
             parameters={"job_dir": str(folder)}, done=lambda: train_job.finished(folder) is not None,
             finish=lambda: None,
             missing_output="its flow run completed without a finished adapter (workdir not shared with the worker?)",
-        )])
+        )], f"training submitted to {ex.train_deployment}")
         result = fn(cfg, round, version, previous, progress)
         info = train_job.finished(folder) or {}
         # Done on the pool for this invocation: computed, with the worker's model seconds (the ledger's).
-        result.computed = True
-        result.metrics["model_seconds"] = float(info.get("metrics", {}).get("model_seconds") or 0.0)
-        result.metrics.update({f"train_shards_{k}": v for k, v in dispatcher.stats.items()})
-        return result
+        return dataclasses.replace(result, computed=True, metrics={
+            **result.metrics, "model_seconds": float(info.get("metrics", {}).get("model_seconds") or 0.0),
+            **{f"train_shards_{k}": v for k, v in dispatcher.stats.items()}})
 
     return step_fn

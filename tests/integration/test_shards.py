@@ -100,6 +100,11 @@ def test_execution_config_is_checked():
         ExecutionConfig(heartbeat_s=30, lost_after_s=40)
     with pytest.raises(ValueError, match="shard_deployment"):
         ExecutionConfig(shard_deployment="gpu-shard")
+    with pytest.raises(ValueError, match="train_deployment 'gpu-train'"):
+        ExecutionConfig(train_deployment="gpu-train")
+    assert "train" in ExecutionConfig().steps  # the whole round's model work goes to the pool
+    with pytest.raises(ValueError):
+        ExecutionConfig(steps=["verify"])
     with pytest.raises(ValueError):
         ExecutionConfig(shard_size=0)
 

@@ -11,7 +11,10 @@ in-process reference run, then one pool run during which a worker is lost:
   The round sees the run stuck without a heartbeat, marks it Crashed, resubmits the shard, and the
   other worker finishes it;
 - the round's dataset in the catalog equals the in-process run's sample for sample, with no sample
-  twice; the round's metrics count the resubmission; a rerun submits nothing.
+  twice; the round's metrics count the resubmission;
+- the round's training runs as a flow run of its own (the gpu-train deployment) on the worker left,
+  and its adapter has the in-process run's weights;
+- a rerun submits nothing.
 
 One pool run serves both checks (a clean run and a killed one would double the ~2 minutes of shard
 process starts on this 2-core machine).
@@ -30,6 +33,7 @@ import pytest
 import yaml
 
 from stillhouse.storage.catalog import Catalog
+from stillhouse.tasks import train_job
 from stillhouse.tasks.backends import dispatch
 from stillhouse.tasks.run_view import run_label
 from tests.server.harness import PREFECT_FILE, SMOKE, alive
@@ -67,6 +71,16 @@ def _shard_records(workdir: Path) -> dict[int, dict]:
     return out
 
 
+def _assert_same_weights(adapter: str, reference: str) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    got, expected = (load_file(str(Path(a) / "adapter_model.safetensors")) for a in (adapter, reference))
+    assert sorted(got) == sorted(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def _children(pid: int) -> list[int]:
     """Every live descendant of `pid` (Linux /proc): the flow-run processes a worker started run in
     sessions of their own, outside the worker's process group."""
@@ -88,7 +102,8 @@ def _children(pid: int) -> list[int]:
 def pool(server):
     procs = server.procs
     procs.run(*PREFECT, "work-pool", "create", "gpu", "--type", "process")
-    procs.run(*PREFECT, "deploy", "--prefect-file", str(PREFECT_FILE), "--name", "gpu-shard", "--pool", "gpu")
+    for name in ("gpu-shard", "gpu-train"):
+        procs.run(*PREFECT, "deploy", "--prefect-file", str(PREFECT_FILE), "--name", name, "--pool", "gpu")
     # --limit 1: a box with one GPU runs one shard at a time (and the shards spread over both boxes).
     workers = [procs.start(f"worker-{i}", [*PREFECT, "worker", "start", "--pool", "gpu", "--type", "process",
                                              "--name", f"gpu-box-{i}", "--limit", "1"]) for i in (1, 2)]
@@ -110,7 +125,7 @@ def _wait_exit(procs, proc, name: str, timeout: float) -> None:
 
 # Starting a shard's flow-run process took 20-30 s here (pull step, imports): a shard that never beat
 # is lost after start_timeout_s; one that stopped beating after lost_after_s.
-EXECUTION = {"work_pool": "gpu", "shard_size": SHARD_SIZE, "steps": ["sample"], "heartbeat_s": 1.0,
+EXECUTION = {"work_pool": "gpu", "shard_size": SHARD_SIZE, "steps": ["sample", "train"], "heartbeat_s": 1.0,
              "lost_after_s": 10.0, "start_timeout_s": 45.0, "poll_s": 0.5}
 
 
@@ -175,9 +190,25 @@ def test_shards_on_two_workers_equal_in_process_and_survive_a_lost_worker(pool, 
     label = run_label("smoke", tmp_path / "pooled")
     assert all(r.name.startswith(f"{label}-round-0-sample-") for r in runs), [r.name for r in runs]
 
-    # A rerun finds every shard done: nothing is submitted, nothing added to the catalog.
+    # The training ran as its own flow run, on the worker left, into the adapter folder an
+    # in-process run writes, with the same weights.
+    assert "training submitted to stillhouse-train/gpu-train" in procs.log("pooled")
+    assert metrics["train_shards_total"] == metrics["train_shards_done"] == 1, metrics
+    (job,) = (tmp_path / "pooled" / "adapters" / "round-0").glob("*.job")
+    trained = train_job.finished(job)
+    assert trained is not None and survivor.pid in trained["ancestors"], trained
+    local_round = json.loads((tmp_path / "local" / "rounds" / "round-0.json").read_text())
+    assert Path(metrics["adapter"]).relative_to(tmp_path / "pooled") == \
+        Path(local_round["adapter"]).relative_to(tmp_path / "local")
+    _assert_same_weights(metrics["adapter"], local_round["adapter"])
+    with server.client() as client:
+        (train_run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="-train-")))
+    assert train_run.name.startswith(f"{label}-round-0-train-") and train_run.state.is_completed()
+    assert train_run.parent_task_run_id is not None  # shown under the round's train step
+
+    # A rerun finds every shard and the adapter done: nothing is submitted, nothing added to the catalog.
     again = _run(procs, _config(tmp_path, "pooled", EXECUTION), "again")
     _wait_exit(procs, again, "again", 300)
-    assert "shards submitted" not in procs.log("again")
+    assert "submitted" not in procs.log("again")
     with Catalog(tmp_path / "pooled", read_only=True) as cat:
         assert cat.read("samples").num_rows == 64

@@ -29,15 +29,20 @@ def _prefect_yaml() -> dict:
 
 
 SHARD_ENTRY = "stillhouse.flows.shards:run_shard"
+TRAIN_ENTRY = "stillhouse.flows.shards:run_train"
 
 
 def _deployments() -> dict[str, dict]:
-    """The scheduled deployments (the shard deployments are started by a round, see below)."""
-    return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] != SHARD_ENTRY}
+    """The scheduled deployments (the shard and train deployments are started by a round, see below)."""
+    return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] not in (SHARD_ENTRY, TRAIN_ENTRY)}
 
 
 def _shard_deployments() -> dict[str, dict]:
     return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] == SHARD_ENTRY}
+
+
+def _train_deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _prefect_yaml()["deployments"] if d["entrypoint"] == TRAIN_ENTRY}
 
 
 def _template() -> dict:
@@ -151,12 +156,12 @@ def test_k8s_template_placeholders_are_all_declared_variables():
     assert used <= set(template["variables"]["properties"]), used - set(template["variables"]["properties"])
 
 
-@pytest.mark.parametrize("name", ["gsm8k-weekly-k8s", "gpu-shard-k8s"])
+@pytest.mark.parametrize("name", ["gsm8k-weekly-k8s", "gpu-shard-k8s", "gpu-train-k8s"])
 def test_k8s_deployment_job_variables_fit_the_template_schema(name):
     import jsonschema
 
     template = _template()
-    d = {**_deployments(), **_shard_deployments()}[name]
+    d = {**_deployments(), **_shard_deployments(), **_train_deployments()}[name]
     job_variables = d["work_pool"]["job_variables"]
     schema = {**template["variables"], "required": []}
     jsonschema.validate(job_variables, schema)
@@ -373,3 +378,21 @@ def test_config_path_overrides_and_bad_values(tmp_path):
 
     with pytest.raises(ConfigError, match="folder name"):
         dated_config(cfg, datetime(2026, 1, 1, tzinfo=UTC), "%Y/%m/%d")
+
+
+def test_train_deployments_run_the_train_flow_the_config_names_by_default():
+    """The default execution.train_deployment is in the file, unscheduled, on the shards' pools."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    from stillhouse.flows.shards import run_train
+    from stillhouse.tasks.config import ExecutionConfig
+
+    train, shards = _train_deployments(), _shard_deployments()
+    assert {"gpu-train", "gpu-train-k8s"} <= set(train)
+    flow_name, deployment = ExecutionConfig().train_deployment.split("/")
+    assert flow_name == run_train.name and deployment in train
+    for name, d in train.items():
+        assert load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False).fn is run_train.fn, name
+        assert not d.get("schedules"), name
+    assert train["gpu-train"]["work_pool"] == shards["gpu-shard"]["work_pool"]
+    assert train["gpu-train-k8s"]["work_pool"] == shards["gpu-shard-k8s"]["work_pool"]

@@ -128,7 +128,10 @@ def test_shards_on_a_work_pool_are_counted_on_the_round_page():
     plain = round_markdown("smoke", "smoke-abc123", _round(), [], None, rounds_total=2)
     assert "Shards on the work pool" not in plain  # in process: no shard table
     pooled = _round(sample_shards_total=4, sample_shards_reused=1, sample_shards_done=3,
-                    sample_shards_failed=1, sample_shards_resubmitted=1)
+                    sample_shards_failed=1, sample_shards_resubmitted=1,
+                    train_shards_total=1, train_shards_reused=0, train_shards_done=1,
+                    train_shards_failed=0, train_shards_resubmitted=0)
     md = round_markdown("smoke", "smoke-abc123", pooled, [], None, rounds_total=2)
     assert "| sample | 4 | 1 | 3 | 1 | 1 |" in md
+    assert "| train | 1 | 0 | 1 | 0 | 0 |" in md  # the training as one job on the pool
     assert all(len(set(rows)) == 1 for rows in _tables(md))
