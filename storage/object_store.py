@@ -108,10 +108,10 @@ class S3Settings:
         return f"{'https' if self.use_ssl else 'http'}://{self.endpoint}" if self.endpoint else f"AWS {self.region}"
 
     def redact(self, text: str) -> str:
-        for value in (self.secret, self.session_token):
-            if value:
-                text = text.replace(value, "***")
-        return text
+        # The project's one secret masker (every shape a secret takes in a message).
+        from stillhouse.tasks.redact import Redactor
+
+        return Redactor([self.secret, self.session_token])(text)
 
 
 def prepare_data_path(con: duckdb.DuckDBPyConnection, data_path: str, env: Mapping[str, str] | None = None) -> None:
