@@ -2,9 +2,9 @@
 
 Layout (local): `<workdir>/catalog/metadata.ducklake` (a DuckDB file holding DuckLake's metadata and
 small inlined inserts) and `<workdir>/catalog/data/` (the Parquet files). At scale pass a Postgres
-catalog (`catalog_uri="postgres:dbname=... host=..."`) and an object-store `data_path`
-("s3://bucket/run/"); both go to ATTACH unchanged (not testable on this machine: no Postgres, no
-object store, no postgres/httpfs extensions offline).
+catalog (`catalog_uri="postgres:dbname=... host=..."`, goes to ATTACH unchanged) and an
+object-store `data_path` ("s3://bucket/run/": DuckDB's httpfs extension with an S3 secret from the
+AWS environment variables, see stillhouse.storage.object_store).
 
 Versioning model
 - Every write is one DuckLake transaction, hence one snapshot, with a commit message.
@@ -67,6 +67,7 @@ import pyarrow.compute as pc
 
 from stillhouse.storage import schema as S
 from stillhouse.storage.ducklake_ext import load_ducklake, sql_str
+from stillhouse.storage.object_store import ObjectStoreError, check_data_path, is_url, prepare_data_path
 from stillhouse.storage.parquet_io import canonical_json, fsync_dir, fsync_file, write_json_atomic, write_parquet_atomic
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,10 @@ class Catalog:
         self._snapshot_dir: str | None = None
         self._attached_file: str | None = None
         default_data = data_path is None
-        self.data_path = data_path or str(local_dir / "data") + "/"
+        try:
+            self.data_path = check_data_path(data_path) if data_path else str(local_dir / "data") + "/"
+        except ValueError as e:
+            raise CatalogError(str(e)) from None
         if "password" in (catalog_uri or "").lower():
             # The location is recorded in the workdir; secrets belong in PGPASSWORD / ~/.pgpass.
             raise CatalogError("catalog_uri must not contain a password: use PGPASSWORD or a pgpass file")
@@ -229,7 +233,7 @@ class Catalog:
         if default_data and not read_only:
             Path(self.data_path).mkdir(parents=True, exist_ok=True)
         # Bulk files are written with pyarrow, so only to a local data path.
-        local_data = "://" not in self.data_path
+        local_data = not is_url(self.data_path)
         self._bulk_dir = Path(self.data_path) if local_data and bulk_rows > 0 else None
 
         config = {"threads": threads} if threads else {}
@@ -238,6 +242,10 @@ class Catalog:
             if snapshot and _is_local_file(self.catalog_uri):
                 self._take_snapshot()
             load_ducklake(self._con)
+            try:
+                prepare_data_path(self._con, self.data_path)
+            except ObjectStoreError as e:
+                raise CatalogError(str(e)) from None
             self._attach(override_data_path=default_data)
             if read_only:
                 self._check_tables()

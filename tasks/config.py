@@ -14,7 +14,15 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 
 class _Section(BaseModel):
@@ -481,9 +489,22 @@ class CatalogConfig(_Section):
     )
     data_path: str | None = Field(
         None,
-        description="Where the catalog's Parquet files go, e.g. 's3://bucket/runs/<run>/' (needs DuckDB's "
-        "httpfs extension and credentials as DuckDB secrets); None = <workdir>/catalog/data/.",
+        description="Where the catalog's Parquet files go: a folder (a shared file system for a "
+        "multi-machine run) or an object store, 's3://bucket/runs/<run>/' on AWS or any "
+        "S3-compatible server. S3 credentials and server come from the environment of every "
+        "process of the run: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_SESSION_TOKEN), "
+        "AWS_REGION, and AWS_ENDPOINT_URL_S3 (or AWS_ENDPOINT_URL, e.g. http://minio:9000) for a "
+        "non-AWS server; see docs/deployment.md. None = <workdir>/catalog/data/.",
     )
+
+    @field_validator("data_path")
+    @classmethod
+    def _data_path_supported(cls, value: str | None) -> str | None:
+        # Imported here: the storage package pulls in duckdb and pyarrow, which a config alone
+        # (the vLLM venv's side, small tools) does not need.
+        from stillhouse.storage.object_store import check_data_path
+
+        return None if value is None else check_data_path(value)
 
 
 class CostConfig(_Section):
@@ -673,6 +694,21 @@ class RunConfig(_Section):
         if bad or not value.strip():
             shown = ", ".join(repr(c) for c in bad) or "only whitespace"
             raise ValueError(f"run_name {value!r} cannot be used as a Prefect name ({shown})")
+        return value
+
+    @field_validator("workdir", "cache_dir")
+    @classmethod
+    def _on_a_file_system(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # The workdir and the cache are read and written with local paths throughout (atomic
+        # renames, file locks, Parquet intermediates): an object-store URL would become a folder
+        # named "s3:" in the current directory. Only catalog.data_path can be an object store.
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"{info.field_name} {value!r} must be a file-system path: for a run over several "
+                "machines, a shared file system (NFS, CephFS, Lustre, ...) mounted at the same path "
+                "everywhere; an object store is supported for the catalog's data only "
+                "(catalog.data_path: s3://...)"
+            )
         return value
 
     @model_validator(mode="after")
