@@ -107,6 +107,10 @@ class PoolDispatcher:
         from prefect.deployments import run_deployment
 
         name = f"{self.prefix}-{call_dir.name[:8]}-shard-{index:03d}" + (f"-retry{attempt}" if attempt else "")
+        # A heartbeat of an earlier round process's attempt with this number (a rerun starts at 0 again)
+        # is not the new run's: without it the new run counts as starting (start_timeout_s) until it beats,
+        # instead of lost after lost_after_s while a worker still starts it.
+        dispatch.heartbeat_path(call_dir, index).unlink(missing_ok=True)
         fr = run_deployment(
             self.ex.shard_deployment,
             parameters={"call_dir": str(call_dir.resolve()), "index": index,

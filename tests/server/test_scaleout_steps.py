@@ -12,10 +12,12 @@ server with a process pool "gpu" and one real worker (`--limit 1`, a box with on
   holds a truncated copy of the teacher's weights, as an interrupted sync leaves it): with
   max_resubmits=1 the sample step fails after 2 attempts with ShardLostError naming both reasons,
   `stillhouse run` exits non-zero with it, the round is not committed; a rerun on the good deployment
-  commits round 0 with the in-process run's samples and redoes nothing finished before.
+  commits round 0 with the in-process run's samples and redoes nothing finished before;
+- a heartbeat left by an earlier round process's attempt of a shard does not make the rerun's
+  attempt of the same number, still starting on a worker, read as lost.
 
-The server, the pool, the worker and the in-process reference run are shared by the module's two
-tests (a module-scoped fixture): each costs tens of seconds on this 2-core machine. The reference
+The server, the pool, the worker and the in-process reference run are shared by the module's
+tests (module-scoped fixtures): each costs tens of seconds on this 2-core machine. The reference
 runs while the first pool run waits on its shard processes.
 """
 
@@ -99,13 +101,8 @@ class Reference:
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory, models_dir):
-    """A Prefect server, the "gpu" process pool with the shard deployment, one worker, and the
-    in-process reference run (started, not awaited)."""
-    from stillhouse.tasks.models.resolve import resolve_model
-
-    # Built here once (~50 s on a fresh session, nothing after): the two runs would each build it.
-    resolve_model("tiny-tutor", models_dir)
+def module_server(tmp_path_factory, models_dir):
+    """A Prefect server shared by the module's tests, with its process helper and a folder."""
     home = tmp_path_factory.mktemp("scaleout-steps")
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
@@ -113,15 +110,27 @@ def pool(tmp_path_factory, models_dir):
     try:
         proc = procs.start("server", [sys.executable, "-m", "prefect", "server", "start",
                                       "--host", "127.0.0.1", "--port", str(port)])
-        server = Server(procs, proc, url, wait_healthy(url, proc))
-        reference = Reference(procs, home)
-        procs.run(*PREFECT, "work-pool", "create", "gpu", "--type", "process")
-        procs.run(*PREFECT, "deploy", "--prefect-file", str(PREFECT_FILE), "--name", "gpu-shard", "--pool", "gpu")
-        procs.start("worker", [*PREFECT, "worker", "start", "--pool", "gpu", "--type", "process",
-                               "--name", "gpu-box", "--limit", "1"])
-        yield server, home, reference
+        yield Server(procs, proc, url, wait_healthy(url, proc)), home
     finally:
         procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def pool(module_server, models_dir):
+    """The "gpu" process pool with the shard deployment, one worker, and the in-process reference
+    run (started, not awaited)."""
+    from stillhouse.tasks.models.resolve import resolve_model
+
+    server, home = module_server
+    procs = server.procs
+    # Built here once (~50 s on a fresh session, nothing after): the two runs would each build it.
+    resolve_model("tiny-tutor", models_dir)
+    reference = Reference(procs, home)
+    procs.run(*PREFECT, "work-pool", "create", "gpu", "--type", "process")
+    procs.run(*PREFECT, "deploy", "--prefect-file", str(PREFECT_FILE), "--name", "gpu-shard", "--pool", "gpu")
+    procs.start("worker", [*PREFECT, "worker", "start", "--pool", "gpu", "--type", "process",
+                           "--name", "gpu-box", "--limit", "1"])
+    return server, home, reference
 
 
 def test_evaluate_and_synthesize_through_the_pool_equal_in_process(pool):
@@ -257,3 +266,64 @@ def test_a_shard_that_always_fails_gives_up_after_max_resubmits_and_a_rerun_comm
     with server.client() as client:
         runs = _shard_runs(client, prefix)
     assert len(runs) == 3 and sum(r.state.is_completed() for r in runs) == 1, [(r.name, r.state) for r in runs]
+
+
+def test_a_heartbeat_left_by_an_earlier_round_process_does_not_make_a_starting_shard_lost(module_server, tmp_path):
+    """A rerun submits shard 0 as attempt 0 again; an earlier round process's attempt 0 of the same
+    shard (its machine lost with the round) left a heartbeat. While the new run is Pending (a worker
+    took it; its pod still pulls the image), that stale file is not the new run's heartbeat: the shard
+    is still starting (start_timeout_s), not lost after lost_after_s."""
+    import contextvars
+    import threading
+
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Pending
+
+    from stillhouse.flows.shards import PoolDispatcher
+    from stillhouse.storage import parquet_io
+    from stillhouse.tasks.backends.dispatch import Heartbeat
+    from stillhouse.tasks.config import ExecutionConfig
+
+    server, _ = module_server
+    call_dir = tmp_path / "call"
+    with Heartbeat(call_dir, 0, 1.0, attempt="0"):
+        pass  # one beat, then silence: the earlier attempt's process is gone
+    ex = ExecutionConfig(work_pool="no-worker", shard_deployment="stillhouse-shard/no-worker-shard",
+                         heartbeat_s=1.0, lost_after_s=2.0, start_timeout_s=600.0, poll_s=0.2, max_resubmits=0)
+    outcome: dict = {}
+    with temporary_settings({PREFECT_API_URL: server.url}), server.client() as client:
+        client.create_work_pool(WorkPoolCreate(name="no-worker", type="process"))
+        flow_id = client.create_flow_from_name("stillhouse-shard")
+        deployment = client.create_deployment(flow_id=flow_id, name="no-worker-shard", work_pool_name="no-worker",
+                                              entrypoint="stillhouse.flows.shards:run_shard")
+        dispatcher = PoolDispatcher(ex, "run", 1, "sample")
+
+        def dispatch() -> None:
+            try:
+                dispatcher(call_dir, [0], 1, lambda *a: outcome.setdefault("done", a))
+            except Exception as err:
+                outcome["error"] = err
+
+        # In the test's settings context (the server's URL): a new thread would start with an empty one.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(dispatch,))
+        thread.start()
+        try:
+            deadline = time.monotonic() + 60
+            runs: list = []
+            while not runs and time.monotonic() < deadline:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])))
+                time.sleep(0.2)
+            assert len(runs) == 1, runs
+            client.set_flow_run_state(runs[0].id, Pending())  # taken by a worker, its process not started
+            # Well past lost_after_s (2 s) and the stale heartbeat's silence; far below start_timeout_s.
+            time.sleep(8)
+            assert "error" not in outcome, outcome["error"]
+        finally:
+            # The shard's part appears (its process started after all and finished): the call is done.
+            parquet_io.shard_path(call_dir, 0).parent.mkdir(parents=True, exist_ok=True)
+            parquet_io.shard_path(call_dir, 0).write_bytes(b"part")
+            thread.join(timeout=30)
+    assert "error" not in outcome, outcome["error"]
+    assert dispatcher.stats["done"] == 1 and dispatcher.stats["failed"] == 0, dispatcher.stats
