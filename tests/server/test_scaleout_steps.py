@@ -231,8 +231,7 @@ def test_a_shard_that_always_fails_gives_up_after_max_resubmits_and_a_rerun_comm
     # Each attempt's reason: its flow run failed, because the worker could not load the model.
     for k in (0, 1):
         assert f"attempt {k}: flow run Failed: " in message, message
-    assert message.count("safetensors") + message.count("SafetensorError") >= 2 or \
-        message.count("deserializ") >= 2, message
+    assert message.count("SafetensorError: Error while deserializing header") == 2, message
     assert "resubmitting (attempt 1 of 1)" in out
 
     with server.client() as client:
@@ -277,7 +276,7 @@ def test_a_heartbeat_left_by_an_earlier_round_process_does_not_make_a_starting_s
     import threading
 
     from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Pending
 
