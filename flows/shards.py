@@ -147,6 +147,10 @@ class PoolDispatcher:
     def _submit(self, job: PoolJob, attempt: int) -> UUID:
         from prefect.deployments import run_deployment
 
+        # A heartbeat of an earlier round process's attempt with this number (a rerun starts at 0 again)
+        # is not the new run's: without it the new run counts as starting (start_timeout_s) until it beats,
+        # instead of lost after lost_after_s while a worker still starts it.
+        dispatch.heartbeat_path(job.files, job.index).unlink(missing_ok=True)
         fr = run_deployment(
             job.deployment,
             parameters={**job.parameters, "heartbeat_s": self.ex.heartbeat_s, "attempt": str(attempt)},
