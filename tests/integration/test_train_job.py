@@ -1,9 +1,9 @@
 """A round's training as a job for another process (tasks/train_job.py), without Prefect.
 
-The smoke config's round 0 up to its committed dataset version, with the workdir given relative to
-the test's working directory (as a user's config has it); then the training runs once in process and
-once in a fresh Python process started in another directory, from nothing but the job folder the
-round writes. Both must land in the same adapter folder with the same weights (same seed, same data,
+The smoke config's rounds 0 and 1 up to round 1's committed dataset version, with the workdir given
+relative to the test's working directory (as a user's config has it); then round 1's training, which
+starts from round 0's adapter, runs once in process and once in a fresh Python process started in
+another directory, from nothing but the job folder the round writes. Both must land in the same adapter folder with the same weights (same seed, same data,
 same init), the job's worker record must name the other process, and a second run of the job must find
 it trained. The work-pool half (a flow run on a worker) is tests/server/test_scaleout.py.
 """
@@ -37,27 +37,34 @@ def _weights(adapter: str | Path) -> dict:
 
 def test_a_training_job_in_another_process_writes_the_in_process_adapter(tmp_path, models_dir, monkeypatch):
     data = yaml.safe_load(SMOKE.read_text())
-    data.update(workdir="run", rounds=1)  # relative: the job must not depend on the round's cwd
+    data.update(workdir="run", rounds=2)  # relative: the job must not depend on the round's cwd
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(data))
     monkeypatch.chdir(tmp_path)
     cfg = load_config(tmp_path / "smoke.yaml")
+    assert cfg.training.init == "previous"
 
+    def committed(round: int):
+        sampled = steps.sample_teacher(cfg, round)
+        weighted = steps.weigh_samples(cfg, round, steps.verify_samples(cfg, round, sampled))
+        return steps.commit_version(cfg, round, weighted, {"round": round})
+
+    # Round 1 trains from round 0's adapter (given by a relative path, as the round holds it): the
+    # job has to carry the config, the version and that adapter to another working directory.
     steps.seed_problems(cfg)
-    sampled = steps.sample_teacher(cfg, 0)
-    weighted = steps.weigh_samples(cfg, 0, steps.verify_samples(cfg, 0, sampled))
-    version = steps.commit_version(cfg, 0, weighted, {"round": 0})
-
-    local = steps.train_student(cfg, 0, version, None)
+    first = steps.train_student(cfg, 0, committed(0), None)
+    assert not Path(first.path).is_absolute()
+    version = committed(1)
+    local = steps.train_student(cfg, 1, version, first)
     assert local.computed and local.metrics["steps"] > 0
     expected = _weights(local.path)
-    key, out, init = steps.train_target(cfg, 0, version, None)
-    assert (key, init) == (local.key, None) and Path(local.path).resolve().parent == out.resolve()
+    key, out, init = steps.train_target(cfg, 1, version, first)
+    assert (key, init) == (local.key, first.path) and Path(local.path).resolve().parent == out.resolve()
     shutil.rmtree(out)
 
-    folder = train_job.write_job(cfg, 0, version, None)
+    folder = train_job.write_job(cfg, 1, version, first)
     assert folder.is_absolute() and folder.parent == out.resolve().parent
     spec = json.loads((folder / train_job.JOB_FILE).read_text())
-    assert Path(spec["config"]["workdir"]).is_absolute()
+    assert Path(spec["config"]["workdir"]).is_absolute() and Path(spec["previous"]["path"]).is_absolute()
     assert train_job.finished(folder) is None  # nothing trained yet
 
     elsewhere = tmp_path / "worker-cwd"
@@ -81,7 +88,7 @@ def test_a_training_job_in_another_process_writes_the_in_process_adapter(tmp_pat
     for name, tensor in expected.items():
         torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
     # The round reads the worker's adapter as its own: the step finds it finished.
-    again = steps.train_student(cfg, 0, version, None)
+    again = steps.train_student(cfg, 1, version, first)
     assert not again.computed and Path(again.path).resolve() == Path(local.path).resolve()
     assert finished_result(out).steps == local.metrics["steps"]
 
